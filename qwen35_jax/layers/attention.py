@@ -1,0 +1,86 @@
+"""Gated softmax attention (Qwen3.5 `full_attention`): GQA, q/k zero-centred norms, partial RoPE, sigmoid output gate.
+
+`q_proj` emits, per head, the query followed by its gate (`[Hq, hd + gate_width]`, interleaved per head). The gate is
+elementwise (`gate_width = hd`, Qwen3.5, "G1" in the Gated Attention paper), headwise (`gate_width = 1`) or absent.
+It multiplies the attention output before `o_proj`.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qwen35_jax.layers.common import accum_dtype, dense_init, dtypes, same_segment_BTT
+from qwen35_jax.layers.norms import RMSNorm
+from qwen35_jax.layers.rope import apply_rope, rope_cos_sin
+
+NEG_INF = -1e30
+
+
+def gate_width(cfg) -> int:
+    return {"elementwise": cfg.head_dim, "headwise": 1, "none": 0}[cfg.attn_output_gate]
+
+
+def attention_mask_BTS(segment_ids_BT, positions_BT=None, sliding_window: int = 0):
+    """Causal, same-document (and optionally sliding-window) mask [B, T, S] over one sequence."""
+    T = segment_ids_BT.shape[1]
+    causal = jnp.tril(jnp.ones((T, T), dtype=bool))[None]
+    mask = causal & same_segment_BTT(segment_ids_BT)
+    if sliding_window:
+        idx = jnp.arange(T)
+        mask = mask & ((idx[:, None] - idx[None, :]) < sliding_window)[None]
+    return mask
+
+
+def softmax_attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS, *, return_probs=False):
+    """GQA softmax attention in fp32; query head h reads kv head h // (H / G)."""
+    B, T, H, K = q_BTHK.shape
+    G = k_BSGK.shape[2]
+    q_BTGRK = q_BTHK.reshape(B, T, G, H // G, K)
+    logits = jnp.einsum("BTGRK,BSGK->BGRTS", q_BTGRK, k_BSGK, preferred_element_type=accum_dtype(q_BTHK.dtype))
+    logits = logits * (K ** -0.5)
+    logits = jnp.where(mask_BTS[:, None, None], logits, NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("BGRTS,BSGK->BTGRK", probs.astype(v_BSGK.dtype), v_BSGK)
+    out = out.reshape(B, T, H, K)
+    return (out, probs.reshape(B, H, T, -1)) if return_probs else out
+
+
+class GatedAttention(nn.Module):
+    cfg: object
+
+    @nn.compact
+    def __call__(self, x_BTD, *, segment_ids_BT, positions_BT, return_probs=False):
+        cfg = self.cfg
+        dtype, param_dtype = dtypes(cfg)
+        B, T, _ = x_BTD.shape
+        H, G, K, W = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, gate_width(cfg)
+        dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=dtype, param_dtype=param_dtype,  # noqa: E731
+                                         kernel_init=dense_init(cfg.initializer_range), name=name)
+        qg_BTHX = dense(H * (K + W), "q_proj")(x_BTD).reshape(B, T, H, K + W)
+        q_BTHK, gate = qg_BTHX[..., :K], qg_BTHX[..., K:]
+        k_BTGK = dense(G * K, "k_proj")(x_BTD).reshape(B, T, G, K)
+        v_BTGK = dense(G * K, "v_proj")(x_BTD).reshape(B, T, G, K)
+        norm = lambda name: RMSNorm(cfg.rms_norm_eps, param_dtype, name=name)  # noqa: E731
+        q_BTHK, k_BTGK = norm("q_norm")(q_BTHK), norm("k_norm")(k_BTGK)
+        cos, sin = rope_cos_sin(positions_BT, cfg.rotary_dim, cfg.rope_theta, dtype)
+        q_BTHK, k_BTGK = apply_rope(q_BTHK, cos, sin), apply_rope(k_BTGK, cos, sin)
+        mask = attention_mask_BTS(segment_ids_BT, positions_BT, cfg.sliding_window)
+        out = softmax_attention(q_BTHK, k_BTGK, v_BTGK, mask, return_probs=return_probs)
+        out_BTHK, probs = out if return_probs else (out, None)
+        if W:
+            out_BTHK = out_BTHK * jax.nn.sigmoid(gate)
+        y = dense(cfg.hidden_size, "o_proj")(out_BTHK.reshape(B, T, H * K).astype(dtype))
+        if return_probs:
+            self.sow("intermediates", "attn_probs", probs)
+        return y
+
+    @staticmethod
+    def num_params(cfg) -> int:
+        D, H, G, K = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        return D * H * (K + gate_width(cfg)) + 2 * D * G * K + H * K * D + 2 * K
+
+    @staticmethod
+    def sequence_flops(cfg, seq_len: int) -> float:
+        """Forward FLOPs per token of the score and value products (causal: mean context (T+1)/2)."""
+        ctx = (seq_len + 1) / 2 if not cfg.sliding_window else min(cfg.sliding_window, (seq_len + 1) / 2)
+        return 4.0 * cfg.num_heads * cfg.head_dim * ctx

@@ -1,0 +1,83 @@
+"""Gated DeltaNet (Qwen3.5 `linear_attention`): projections, causal depthwise conv, gates, gated delta rule, gated norm.
+
+The delta rule itself comes from `pallas_kernels.gated_delta_rule` (chunked XLA on CPU/GPU, Pallas on TPU); this
+module owns the projections and the per-document handling: padded positions (segment id 0) are zeroed at the input,
+and both the conv window and the recurrent state restart at every document start.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.gated_delta_rule import chunk_gated_delta_rule
+from qwen35_jax.layers.common import accum_dtype, dense_init, dtypes
+from qwen35_jax.layers.norms import GatedRMSNorm
+
+
+def a_log_init(key, shape, dtype):
+    return jnp.log(jax.random.uniform(key, shape, jnp.float32, 0.01, 16.0)).astype(dtype)
+
+
+def conv_init(key, shape, dtype):
+    # torch's Conv1d default (kaiming-uniform, a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = kernel size.
+    bound = shape[0] ** -0.5
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+
+
+def causal_depthwise_conv(x_BTC, kernel_KC, segment_ids_BT):
+    """out[t] = sum_j kernel[j] * x[t - (K-1) + j], taps outside the current document contribute zero."""
+    K = kernel_KC.shape[0]
+    T = x_BTC.shape[1]
+    out = x_BTC * kernel_KC[K - 1]
+    for lag in range(1, min(K, T + 1)):
+        shifted = jnp.pad(x_BTC, ((0, 0), (lag, 0), (0, 0)))[:, :T]
+        seg = jnp.pad(segment_ids_BT, ((0, 0), (lag, 0)), constant_values=-1)[:, :T]
+        same = (seg == segment_ids_BT)[..., None]
+        out = out + jnp.where(same, shifted, 0) * kernel_KC[K - 1 - lag]
+    return out
+
+
+class GatedDeltaNet(nn.Module):
+    cfg: object
+
+    @nn.compact
+    def __call__(self, x_BTD, *, segment_ids_BT, positions_BT=None):
+        cfg = self.cfg
+        dtype, param_dtype = dtypes(cfg)
+        B, T, _ = x_BTD.shape
+        Hk, Hv, dk, dv = cfg.gdn_num_key_heads, cfg.gdn_num_value_heads, cfg.gdn_key_dim, cfg.gdn_value_dim
+        dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=dtype, param_dtype=param_dtype,  # noqa: E731
+                                         kernel_init=dense_init(cfg.initializer_range), name=name)
+        x_BTD = jnp.where((segment_ids_BT != 0)[..., None], x_BTD, 0).astype(dtype)
+        qkv_BTC = dense(cfg.gdn_conv_dim, "in_proj_qkv")(x_BTD)
+        z_BTHV = dense(Hv * dv, "in_proj_z")(x_BTD).reshape(B, T, Hv, dv)
+        b_BTH = dense(Hv, "in_proj_b")(x_BTD)
+        a_BTH = dense(Hv, "in_proj_a")(x_BTD)
+        kernel_KC = self.param("conv1d", conv_init, (cfg.gdn_conv_kernel, cfg.gdn_conv_dim), param_dtype)
+        f32 = accum_dtype(dtype)  # the conv sums K taps: accumulate in fp32 and round once, as a fused conv does
+        qkv_BTC = jax.nn.silu(causal_depthwise_conv(qkv_BTC.astype(f32), kernel_KC.astype(f32), segment_ids_BT))
+        qkv_BTC = qkv_BTC.astype(dtype)
+        q_BTHK = qkv_BTC[..., : Hk * dk].reshape(B, T, Hk, dk)
+        k_BTHK = qkv_BTC[..., Hk * dk: 2 * Hk * dk].reshape(B, T, Hk, dk)
+        v_BTHV = qkv_BTC[..., 2 * Hk * dk:].reshape(B, T, Hv, dv)
+        dt_bias = self.param("dt_bias", nn.initializers.ones, (Hv,), param_dtype)
+        A_log = self.param("A_log", a_log_init, (Hv,), param_dtype)
+        beta_BTH = jax.nn.sigmoid(b_BTH)
+        g_BTH = -jnp.exp(A_log.astype(f32)) * jax.nn.softplus(a_BTH.astype(f32) + dt_bias.astype(f32))
+        o_BTHV, _ = chunk_gated_delta_rule(
+            q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, segment_ids=segment_ids_BT, use_qk_l2norm=True,
+            chunk_size=cfg.gdn_chunk_size, impl=cfg.gdn_impl)
+        y_BTHV = GatedRMSNorm(cfg.rms_norm_eps, param_dtype, name="norm")(o_BTHV.astype(dtype), z_BTHV)
+        return dense(cfg.hidden_size, "out_proj")(y_BTHV.reshape(B, T, Hv * dv))
+
+    @staticmethod
+    def num_params(cfg) -> int:
+        D, Hv, dv = cfg.hidden_size, cfg.gdn_num_value_heads, cfg.gdn_value_dim
+        C = cfg.gdn_conv_dim
+        return D * C + D * Hv * dv + 2 * D * Hv + cfg.gdn_conv_kernel * C + 2 * Hv + dv + Hv * dv * D
+
+    @staticmethod
+    def sequence_flops(cfg, seq_len: int) -> float:
+        """Forward FLOPs per token of the chunked delta rule (see config.train_flops_per_token)."""
+        C, dk, dv = min(cfg.gdn_chunk_size, seq_len), cfg.gdn_key_dim, cfg.gdn_value_dim
+        return cfg.gdn_num_value_heads * (2.0 * C * (3 * dk + 2 * dv) + 6.0 * dk * dv)

@@ -1,0 +1,88 @@
+"""Sparse MoE (Qwen3.5 / Qwen3-Next): fp32 softmax router, top-k (renormalised), dropless grouped-matmul experts,
+and a shared SwiGLU expert scaled per token by a sigmoid gate.
+
+Dispatch sorts the N*k (token, expert) assignments by expert and runs two grouped matmuls over the sorted rows, so
+the cost per token is independent of the number of experts (no one-hot [N, E] dispatch tensors). Router statistics
+(assignment counts and probability sums per expert, token count, z-loss sum) are returned as sums, so the trainer
+can pool them over layers and the global batch before forming the load-balancing loss.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.gmm import gmm
+from qwen35_jax.layers.common import accum_dtype, dense_init, dtypes
+from qwen35_jax.layers.mlp import SwiGLU
+
+
+def route(logits_NE, k: int, renormalize: bool):
+    """Top-k routing: (probs [N, E] fp32, weights [N, k] fp32, experts [N, k] int32)."""
+    probs_NE = jax.nn.softmax(logits_NE.astype(accum_dtype(logits_NE.dtype)), axis=-1)
+    weights_NK, experts_NK = jax.lax.top_k(probs_NE, k)
+    if renormalize:
+        weights_NK = weights_NK / jnp.sum(weights_NK, axis=-1, keepdims=True)
+    return probs_NE, weights_NK, experts_NK.astype(jnp.int32)
+
+
+def router_stats(logits_NE, probs_NE, experts_NK, token_mask_N):
+    """Sums over tokens (padding excluded) that pool exactly across layers and data shards."""
+    E = probs_NE.shape[-1]
+    mask = token_mask_N.astype(probs_NE.dtype)
+    counts_E = jnp.zeros((E,), probs_NE.dtype).at[experts_NK.reshape(-1)].add(
+        jnp.repeat(mask, experts_NK.shape[-1]))
+    z_N = jax.nn.logsumexp(logits_NE.astype(probs_NE.dtype), axis=-1)
+    return {"counts": counts_E, "probs": jnp.sum(probs_NE * mask[:, None], axis=0),
+            "tokens": jnp.sum(mask), "z_sq": jnp.sum(jnp.square(z_N) * mask)}
+
+
+def dispatch_combine(x_ND, weights_NK, experts_NK, w_gate_up_EDF2, w_down_EFD, *, impl="auto",
+                     capacity_factor=0.0):
+    """Dropless (or capacity-limited) sorted dispatch through two grouped matmuls, combined with the weights."""
+    N, D = x_ND.shape
+    k = experts_NK.shape[-1]
+    E, _, F2 = w_gate_up_EDF2.shape
+    flat_experts = experts_NK.reshape(-1)
+    order = jnp.argsort(flat_experts, stable=True)
+    token_of_row = order // k
+    group_sizes_E = jnp.bincount(flat_experts, length=E).astype(jnp.int32)
+    row_weights = weights_NK.reshape(-1)[order]
+    if capacity_factor > 0:
+        capacity = int(max(1, round(capacity_factor * N * k / E)))
+        starts_E = jnp.cumsum(group_sizes_E) - group_sizes_E
+        sorted_experts = flat_experts[order]
+        rank = jnp.arange(N * k) - starts_E[sorted_experts]
+        row_weights = jnp.where(rank < capacity, row_weights, 0.0)
+    x_sorted = x_ND[token_of_row]
+    h = gmm(x_sorted, w_gate_up_EDF2, group_sizes_E, impl=impl, preferred_element_type=x_ND.dtype)
+    h = jax.nn.silu(h[:, : F2 // 2]) * h[:, F2 // 2:]
+    y_sorted = gmm(h, w_down_EFD, group_sizes_E, impl=impl, preferred_element_type=x_ND.dtype)
+    y_sorted = y_sorted * row_weights[:, None].astype(y_sorted.dtype)
+    return jnp.zeros((N, D), y_sorted.dtype).at[token_of_row].add(y_sorted)
+
+
+class MoE(nn.Module):
+    cfg: object
+
+    @nn.compact
+    def __call__(self, x_BTD, *, token_mask_BT):
+        cfg = self.cfg
+        dtype, param_dtype = dtypes(cfg)
+        B, T, D = x_BTD.shape
+        E, F = cfg.num_experts, cfg.moe_intermediate_size
+        init = dense_init(cfg.initializer_range)
+        x_ND = x_BTD.reshape(B * T, D).astype(dtype)
+        w_router_DE = self.param("gate", init, (D, E), param_dtype)
+        logits_NE = jnp.dot(x_ND, w_router_DE.astype(dtype), preferred_element_type=accum_dtype(dtype))
+        probs_NE, weights_NK, experts_NK = route(logits_NE, cfg.experts_per_token, cfg.norm_topk_prob)
+        stats = router_stats(logits_NE, probs_NE, experts_NK, token_mask_BT.reshape(-1))
+        w_gate_up = self.param("gate_up_proj", init, (E, D, 2 * F), param_dtype).astype(dtype)
+        w_down = self.param("down_proj", init, (E, F, D), param_dtype).astype(dtype)
+        y_ND = dispatch_combine(x_ND, weights_NK.astype(dtype), experts_NK, w_gate_up, w_down,
+                                impl=cfg.moe_impl, capacity_factor=cfg.capacity_factor)
+        if cfg.shared_expert_intermediate_size:
+            shared = SwiGLU(D, cfg.shared_expert_intermediate_size, dtype, param_dtype, cfg.initializer_range,
+                            name="shared_expert")(x_ND)
+            w_sg = self.param("shared_expert_gate", init, (D, 1), param_dtype)
+            y_ND = y_ND + jax.nn.sigmoid(jnp.dot(x_ND, w_sg.astype(dtype))) * shared
+        return y_ND.reshape(B, T, D), stats

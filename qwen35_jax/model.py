@@ -1,0 +1,177 @@
+"""The decoder: embeddings, a scanned stack of pre-norm blocks (mixer + FFN), final norm, LM head.
+
+The layer list is periodic (Qwen3.5: three Gated DeltaNet layers then one gated-attention layer); the stack scans
+over repetitions of the shortest period, so compile time stays flat in depth and parameters of the period's k-th
+block are stacked along a leading `[num_groups]` axis.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qwen35_jax.config import ModelConfig
+from qwen35_jax.sharding import constrain
+from qwen35_jax.layers import MIXERS, MoE, RMSNorm, SwiGLU
+from qwen35_jax.layers.common import accum_dtype, dense_init, dtypes
+
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def layer_period(kinds) -> int:
+    """Smallest p dividing len(kinds) with kinds[i] == kinds[i % p] (len(kinds) when nothing repeats)."""
+    n = len(kinds)
+    for p in range(1, n + 1):
+        if n % p == 0 and all(kinds[i] == kinds[i % p] for i in range(n)):
+            return p
+    return n
+
+
+def empty_stats(cfg: ModelConfig):
+    E = max(cfg.num_experts, 1)
+    z = jnp.zeros((), jnp.float32)
+    return {"counts": jnp.zeros((E,), jnp.float32), "probs": jnp.zeros((E,), jnp.float32), "tokens": z, "z_sq": z}
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: `h += mixer(norm(h)); h += ffn(norm(h))`."""
+
+    cfg: ModelConfig
+    mixer: str
+    ffn: str
+
+    @nn.compact
+    def __call__(self, h_BTD, segment_ids_BT, positions_BT):
+        cfg = self.cfg
+        dtype, param_dtype = dtypes(cfg)
+        norm = lambda name: RMSNorm(cfg.rms_norm_eps, param_dtype, name=name)  # noqa: E731
+        mixed = MIXERS[self.mixer](cfg, name="mixer")(
+            norm("input_norm")(h_BTD), segment_ids_BT=segment_ids_BT, positions_BT=positions_BT)
+        h_BTD = h_BTD + mixed.astype(h_BTD.dtype)
+        x_BTD = norm("post_norm")(h_BTD)
+        if self.ffn == "moe":
+            y_BTD, stats = MoE(cfg, name="ffn")(x_BTD, token_mask_BT=segment_ids_BT != 0)
+        else:
+            y_BTD = SwiGLU(cfg.hidden_size, cfg.intermediate_size, dtype, param_dtype, cfg.initializer_range,
+                           name="ffn")(x_BTD)
+            stats = None
+        return constrain(h_BTD + y_BTD.astype(h_BTD.dtype), ("batch", "seq", "embed")), stats
+
+
+class Group(nn.Module):
+    """One period of the layer pattern; the unit that `nn.scan` repeats."""
+
+    cfg: ModelConfig
+    kinds: tuple
+
+    @nn.compact
+    def __call__(self, h_BTD, segment_ids_BT, positions_BT):
+        block_cls = Block
+        if self.cfg.remat != "none":
+            block_cls = nn.remat(Block, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
+        stats = []
+        for j, (mixer, ffn) in enumerate(self.kinds):
+            h_BTD, s = block_cls(self.cfg, mixer, ffn, name=f"block_{j}")(h_BTD, segment_ids_BT, positions_BT)
+            if s is not None:
+                stats.append(s)
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *stats) if stats else None
+        return h_BTD, stacked
+
+
+class Qwen35(nn.Module):
+    """Returns (logits [B, T, V] fp32, aux) where aux holds the final hidden state and router statistics."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        _, param_dtype = dtypes(cfg)
+        self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=param_dtype,
+                                     embedding_init=dense_init(cfg.initializer_range))
+        kinds = cfg.layer_kinds
+        period = layer_period(kinds)
+        num_groups = len(kinds) // period
+        scanned = nn.scan(Group, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
+                          in_axes=(nn.broadcast, nn.broadcast), length=num_groups,
+                          unroll=1 if cfg.scan_layers else num_groups)
+        self.layers = scanned(cfg, kinds[:period])
+        self.norm = RMSNorm(cfg.rms_norm_eps, param_dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = self.param("lm_head", dense_init(cfg.initializer_range),
+                                      (cfg.hidden_size, cfg.vocab_size), param_dtype)
+
+    def hidden(self, tokens_BT, segment_ids_BT, positions_BT):
+        dtype, _ = dtypes(self.cfg)
+        h_BTD = constrain(self.embed_tokens(tokens_BT).astype(accum_dtype(dtype)), ("batch", "seq", "embed"))
+        h_BTD, stats = self.layers(h_BTD, segment_ids_BT, positions_BT)
+        if stats is not None:  # [groups, moe-per-group, ...] -> [moe layers, ...]
+            stats = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), stats)
+        return self.norm(h_BTD), stats
+
+    def logits(self, h_BTD):
+        dtype, _ = dtypes(self.cfg)
+        w_DV = self.embed_tokens.embedding.T if self.cfg.tie_word_embeddings else self.lm_head
+        logits = jnp.dot(h_BTD.astype(dtype), w_DV.astype(dtype), preferred_element_type=accum_dtype(dtype))
+        return constrain(logits, ("batch", "seq", "vocab"))
+
+    def __call__(self, tokens_BT, segment_ids_BT, positions_BT):
+        h_BTD, stats = self.hidden(tokens_BT, segment_ids_BT, positions_BT)
+        return self.logits(h_BTD), {"hidden": h_BTD, "router": stats}
+
+
+@functools.lru_cache(maxsize=64)
+def module_for(cfg: ModelConfig) -> Qwen35:
+    return Qwen35(cfg)
+
+
+def default_inputs(tokens_BT, segment_ids_BT=None, positions_BT=None):
+    """Segment ids default to one document per row (1s); positions to 0..T-1."""
+    B, T = tokens_BT.shape
+    if segment_ids_BT is None:
+        segment_ids_BT = jnp.ones((B, T), jnp.int32)
+    if positions_BT is None:
+        positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    return jnp.asarray(segment_ids_BT, jnp.int32), jnp.asarray(positions_BT, jnp.int32)
+
+
+def check_tokens(cfg: ModelConfig, tokens_BT) -> None:
+    """Concrete token arrays are range-checked (traced ones cannot be)."""
+    if isinstance(tokens_BT, jax.core.Tracer):
+        return
+    tokens = jnp.asarray(tokens_BT)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, time], got shape {tuple(tokens.shape)}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"tokens must be integers, got dtype {tokens.dtype}")
+    if tokens.size:
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= cfg.vocab_size:
+            raise ValueError(f"token ids must be in [0, {cfg.vocab_size}) (vocab_size of {cfg.name!r}), "
+                             f"got min {lo}, max {hi}")
+
+
+def init_params(cfg: ModelConfig, rng) -> dict:
+    """Parameters as a plain nested dict of arrays (`param_dtype`)."""
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    seg, pos = default_inputs(tokens)
+    variables = module_for(cfg).init(rng, tokens, seg, pos)
+    return nn.meta.unbox(variables["params"])
+
+
+def forward(cfg: ModelConfig, params, tokens, *, segment_ids=None, positions=None, return_aux=False):
+    """Logits [B, T, V] in fp32 (and, with `return_aux`, {"hidden": [B, T, D], "router": stats or None}).
+
+    `segment_ids [B, T]` numbers the documents packed in a row (0 marks padding: it is neither attended to nor fed to
+    the recurrent layers); `positions [B, T]` are RoPE positions (default 0..T-1).
+    """
+    check_tokens(cfg, tokens)
+    seg, pos = default_inputs(tokens, segment_ids, positions)
+    logits, aux = module_for(cfg).apply({"params": params}, jnp.asarray(tokens, jnp.int32), seg, pos)
+    return (logits, aux) if return_aux else logits

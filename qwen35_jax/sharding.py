@@ -1,0 +1,165 @@
+"""The only place that knows about meshes: mesh construction, logical axis rules, parameter and batch shardings.
+
+Modules name logical axes (`batch`, `seq`, `embed`, `mlp`, `heads`, `vocab`, `expert`); the rules below map them to
+the mesh axes `data`, `fsdp`, `tensor`, `expert` (a `seq` mesh axis can be added later without touching the model).
+Parameter axes are inferred from parameter names and shapes, so the model code stays free of sharding annotations.
+A dimension that a mesh axis does not divide is replicated instead (tiny models on many devices still run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+# logical axis -> mesh axes (in order); None = replicated
+DEFAULT_RULES = {
+    "batch": ("data", "fsdp", "expert"),
+    "seq": None,
+    "embed": ("fsdp",),
+    "mlp": ("tensor",),
+    "heads": ("tensor",),
+    "vocab": ("tensor",),
+    "expert": ("expert",),
+    "layers": None,
+}
+
+_ACTIVE: list[tuple[Mesh, dict]] = []
+
+
+def make_mesh(shape: dict | None = None, devices=None) -> Mesh:
+    """A mesh over `devices` (default: all) with sizes per axis; one axis may be -1 (the rest)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = {k: int(v) for k, v in (shape or {}).items()}
+    unknown = [k for k in shape if k not in MESH_AXES]
+    if unknown:
+        raise ValueError(f"mesh axis {unknown[0]!r} is not one of {MESH_AXES}")
+    sizes = {a: shape.get(a, 1) for a in MESH_AXES}
+    if "data" not in shape and all(v != -1 for v in sizes.values()):
+        sizes["data"] = -1
+    rest = [a for a, v in sizes.items() if v == -1]
+    if len(rest) > 1:
+        raise ValueError(f"mesh: only one axis may be -1, got {rest}")
+    known = math.prod(v for v in sizes.values() if v != -1)
+    if rest:
+        if len(devices) % known:
+            raise ValueError(f"mesh {shape}: {len(devices)} devices are not divisible by {known}")
+        sizes[rest[0]] = len(devices) // known
+    if math.prod(sizes.values()) != len(devices):
+        raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, have {len(devices)}")
+    try:
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh([sizes[a] for a in MESH_AXES], devices=devices)
+    except Exception:  # CPU / topology descriptions without a physical layout
+        grid = np.asarray(devices).reshape([sizes[a] for a in MESH_AXES])
+    return Mesh(grid, MESH_AXES)
+
+
+def spec_for(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: dict | None = None) -> P:
+    """PartitionSpec for logical axes, replicating a dimension that its mesh axes do not divide."""
+    rules = DEFAULT_RULES if rules is None else rules
+    used, out = set(), []
+    for name, dim in zip(logical, shape):
+        axes = tuple(a for a in (rules.get(name) or ()) if a not in used and mesh.shape[a] > 1)
+        while axes and dim % math.prod(mesh.shape[a] for a in axes):
+            axes = axes[:-1]
+        used.update(axes)
+        out.append(axes[0] if len(axes) == 1 else (axes or None))
+    return P(*out)
+
+
+def param_logical_axes(path: tuple[str, ...], shape: tuple[int, ...], hidden_size: int) -> tuple:
+    """Logical axes of one parameter, from its name and shape (leading scanned-layer axis included)."""
+    name = path[-1]
+    scanned = path[0] == "layers"
+    core = shape[1:] if scanned else shape
+    if name == "embedding":
+        axes = ("vocab", "embed")
+    elif name == "lm_head":
+        axes = ("embed", "vocab")
+    elif name == "gate_up_proj":
+        axes = ("expert", "embed", "mlp")
+    elif name == "down_proj" and len(core) == 3:
+        axes = ("expert", "mlp", "embed")
+    elif name == "gate" and len(core) == 2:  # router [D, E]: small, replicated over experts
+        axes = ("embed", None)
+    elif len(core) == 2 and name == "kernel":
+        axes = ("embed", "mlp") if core[0] == hidden_size else ("mlp", "embed")
+    elif name == "conv1d":
+        axes = (None, "mlp")
+    else:
+        axes = (None,) * len(core)
+    return (("layers",) if scanned else ()) + axes
+
+
+def param_specs(params_or_shapes, mesh: Mesh, hidden_size: int, rules: dict | None = None):
+    def one(path, leaf):
+        keys = tuple(getattr(k, "key", str(k)) for k in path)
+        return spec_for(param_logical_axes(keys, leaf.shape, hidden_size), leaf.shape, mesh, rules)
+
+    return jax.tree_util.tree_map_with_path(one, params_or_shapes)
+
+
+def param_shardings(params_or_shapes, mesh: Mesh, hidden_size: int, rules: dict | None = None):
+    specs = param_specs(params_or_shapes, mesh, hidden_size, rules)
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def state_shardings(state_shapes, mesh: Mesh, hidden_size: int, rules: dict | None = None):
+    """Optimizer state mirrors the parameters it belongs to: any subtree shaped like params is sharded like them;
+    scalars (counts, step) are replicated."""
+
+    def one(path, leaf):
+        keys = tuple(getattr(k, "key", getattr(k, "name", str(k))) for k in path)
+        # find the parameter path inside the optimizer pytree: it starts at the first model-level key
+        for start in range(len(keys)):
+            if keys[start] in ("embed_tokens", "layers", "norm", "lm_head", "mtp"):
+                sub = tuple(str(k) for k in keys[start:])
+                spec = spec_for(param_logical_axes(sub, leaf.shape, hidden_size), leaf.shape, mesh, rules)
+                return NamedSharding(mesh, spec)
+        return NamedSharding(mesh, P())
+
+    return jax.tree_util.tree_map_with_path(one, state_shapes)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, rules: dict | None = None, batch_size: int | None = None):
+    shape = (batch_size or math.prod(mesh.devices.shape),) + (1,) * (ndim - 1)
+    return NamedSharding(mesh, spec_for(("batch",) + (None,) * (ndim - 1), shape, mesh, rules))
+
+
+def replicated(mesh: Mesh):
+    return NamedSharding(mesh, P())
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: dict | None = None):
+    """Activates activation constraints (`constrain`) for code traced inside the block."""
+    _ACTIVE.append((mesh, DEFAULT_RULES if rules is None else rules))
+    try:
+        yield mesh
+    finally:
+        _ACTIVE.pop()
+
+
+def constrain(x, logical: Sequence[str | None]):
+    """Constrains an activation to its logical sharding; a no-op outside `use_mesh`."""
+    if not _ACTIVE:
+        return x
+    mesh, rules = _ACTIVE[-1]
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec_for(logical, x.shape, mesh, rules)))
+
+
+def process_batch_slice(global_batch: int) -> tuple[int, int]:
+    """(start, size) of this process's rows of the global batch."""
+    n, i = jax.process_count(), jax.process_index()
+    if global_batch % n:
+        raise ValueError(f"batch_size={global_batch} is not divisible by the {n} processes")
+    per = global_batch // n
+    return i * per, per

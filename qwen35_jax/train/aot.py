@@ -1,0 +1,146 @@
+"""`qwen35 aot`: compile the real train step for a TPU topology on this (CPU) host with libtpu, and report memory.
+
+Parameters, optimizer state and the batch enter as ShapeDtypeStructs with their shardings over the topology's
+devices, so nothing is allocated; XLA:TPU compiles the whole step (Pallas kernels through Mosaic) and reports
+per-device memory and its cost-model estimate (an estimate, labelled as such).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+import jax
+import numpy as np
+
+from qwen35_jax.errors import UserError
+from qwen35_jax.model import init_params
+from qwen35_jax.sharding import batch_sharding, make_mesh, param_shardings, replicated, state_shardings, use_mesh
+from qwen35_jax.train.config import load_train_config
+from qwen35_jax.train.optimizer import make_optimizer
+from qwen35_jax.train.step import BATCH_KEYS, init_state, make_train_step
+
+HBM_GIB = {"v4": 32, "v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32, "v7x": 192}
+
+
+def tpu_env() -> None:
+    """Quiet libtpu's metadata probing on a host with no TPU attached (harmless, but noisy)."""
+    if not any(d.platform == "tpu" for d in _local_devices()):
+        for k, v in {"TPU_ACCELERATOR_TYPE": "v5litepod-4", "TPU_WORKER_HOSTNAMES": "localhost",
+                     "TPU_SKIP_MDS_QUERY": "1"}.items():
+            os.environ.setdefault(k, v)
+
+
+def _local_devices():
+    try:
+        return jax.devices()
+    except RuntimeError:
+        return []
+
+
+def topology_devices(name: str):
+    """Devices of a named topology such as `v5p:8x8x8`, `v5e:4x4`, `v6e:2x2`."""
+    from jax.experimental import topologies
+
+    try:
+        topo = topologies.get_topology_desc(platform="tpu", topology_name=name, chip_config_name="default",
+                                            chips_per_host_bounds=(2, 2, 1), num_slices=1)
+    except Exception as e:
+        raise UserError(f"topology {name!r} cannot be described by libtpu ({str(e).splitlines()[0][:200]}); "
+                        "names look like v5e:2x2, v5p:4x4x4, v6e:8x8") from None
+    return list(topo.devices)
+
+
+def hbm_bytes(topology: str) -> int:
+    gen = topology.split(":")[0].lower()
+    if gen not in HBM_GIB:
+        raise UserError(f"unknown TPU generation {gen!r} in topology {topology!r}; known: {sorted(HBM_GIB)}")
+    return HBM_GIB[gen] * 2 ** 30
+
+
+def per_device_bytes(shapes, shardings) -> int:
+    total = 0
+    for s, sh in zip(jax.tree.leaves(shapes), jax.tree.leaves(shardings)):
+        total += math.prod(sh.shard_shape(s.shape)) * np.dtype(s.dtype).itemsize
+    return total
+
+
+def compile_train_step(tcfg, devices):
+    model_cfg = tcfg.model_config()
+    mesh = make_mesh(tcfg.mesh, devices)
+    shapes = jax.eval_shape(lambda: init_params(model_cfg, jax.random.key(0)))
+    tx, lr = make_optimizer(tcfg.optimizer, tcfg.steps, shapes)
+    state_shapes = jax.eval_shape(lambda p: init_state(p, tx), shapes)
+    s_shard = state_shardings(state_shapes, mesh, model_cfg.hidden_size)
+    b_shard = batch_sharding(mesh, 2, batch_size=tcfg.batch_size)
+    batch = {k: jax.ShapeDtypeStruct((tcfg.batch_size, tcfg.seq_len), np.float32 if k == "loss_mask" else np.int32,
+                                     sharding=b_shard) for k in BATCH_KEYS}
+    state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shapes, s_shard)
+    step = make_train_step(model_cfg, tcfg, tx, lr)
+    t0 = time.perf_counter()
+    with use_mesh(mesh):
+        lowered = jax.jit(step, out_shardings=(s_shard, replicated(mesh)), donate_argnums=0).lower(state, batch)
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0
+    p_shard = param_shardings(shapes, mesh, model_cfg.hidden_size)
+    params_b = per_device_bytes(shapes, p_shard)
+    opt_b = per_device_bytes(state_shapes["opt_state"], s_shard["opt_state"])
+    return model_cfg, mesh, compiled, compile_s, params_b, opt_b
+
+
+def report(tcfg, topology: str) -> dict:
+    tpu_env()
+    devices = topology_devices(topology)
+    model_cfg, mesh, compiled, compile_s, params_b, opt_b = compile_train_step(tcfg, devices)
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
+    args_b, temp_b = int(mem.argument_size_in_bytes), int(mem.temp_size_in_bytes)
+    out_b, alias_b = int(mem.output_size_in_bytes), int(getattr(mem, "alias_size_in_bytes", 0))
+    total = args_b + temp_b + out_b - alias_b + int(getattr(mem, "generated_code_size_in_bytes", 0))
+    hbm = hbm_bytes(topology)
+    tokens = tcfg.batch_size * tcfg.seq_len
+    return {
+        "config": model_cfg.name, "topology": topology, "devices": len(devices), "mesh": dict(mesh.shape),
+        "remat": model_cfg.remat, "batch_size": tcfg.batch_size, "seq_len": tcfg.seq_len,
+        "compile_s": round(compile_s, 2), "per_device_bytes": total, "hbm_bytes_per_device": hbm,
+        "fits": total <= hbm, "params_bytes": params_b, "optimizer_state_bytes": opt_b,
+        "argument_bytes": args_b, "temp_bytes": temp_b, "output_bytes": out_b, "alias_bytes": alias_b,
+        "xla_estimate_flops_per_device": float(cost.get("flops", 0.0)),
+        "xla_estimate_bytes_accessed_per_device": float(cost.get("bytes accessed", 0.0)),
+        "model_flops_per_step": model_cfg.flops_per_token(tcfg.seq_len) * tokens,
+    }
+
+
+def _gib(b):
+    return f"{b / 2 ** 30:,.2f} GiB"
+
+
+def aot_main(argv) -> int:
+    parser = argparse.ArgumentParser(prog="qwen35 aot", description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="training config (configs/train name or path)")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--topology", required=True, help="e.g. v5p:8x8x8, v5e:4x4, v6e:8x8")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    tcfg = load_train_config(args.config, args.overrides)
+    r = report(tcfg, args.topology)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    print(f"{r['config']} on {r['topology']} ({r['devices']} chips), mesh {r['mesh']}, remat={r['remat']}, "
+          f"batch {r['batch_size']} x {r['seq_len']}, compiled in {r['compile_s']} s")
+    rows = [("parameters", r["params_bytes"]), ("optimizer state", r["optimizer_state_bytes"]),
+            ("arguments (params + state + batch)", r["argument_bytes"]),
+            ("temporaries (activations, workspaces)", r["temp_bytes"]),
+            ("total per device", r["per_device_bytes"]), ("HBM per device", r["hbm_bytes_per_device"])]
+    for name, b in rows:
+        print(f"  {name:<40} {_gib(b):>14}")
+    print(f"  fits: {'yes' if r['fits'] else 'NO'} ({100 * r['per_device_bytes'] / r['hbm_bytes_per_device']:.0f}%"
+          f" of HBM)")
+    print(f"  XLA cost-model estimate per device: {r['xla_estimate_flops_per_device'] / 1e12:,.1f} TFLOP, "
+          f"{r['xla_estimate_bytes_accessed_per_device'] / 2 ** 30:,.1f} GiB accessed (estimate, not a measurement)")
+    return 0

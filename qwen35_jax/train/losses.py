@@ -1,0 +1,34 @@
+"""Training losses: masked cross-entropy, optional z-loss, and the global-batch load-balancing loss."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def cross_entropy_sum(logits_BTV, targets_BT, mask_BT):
+    """(sum of masked token losses, sum of log-partition^2 over masked tokens), in fp32."""
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    target_logit = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    mask = mask_BT.astype(jnp.float32)
+    return jnp.sum((lse_BT - target_logit) * mask), jnp.sum(jnp.square(lse_BT) * mask)
+
+
+def load_balancing_loss(stats, num_experts: int):
+    """Switch-style `E * sum_e f_e P_e` with statistics pooled over all MoE layers and every token of the batch.
+
+    `stats` holds per-layer sums [L, E] of top-k assignments ("counts") and router probabilities ("probs") and the
+    token counts [L]. Under jit over a sharded global batch these sums already cover the whole global batch, which is
+    Qwen's global-batch balancing.
+    """
+    tokens = jnp.maximum(jnp.sum(stats["tokens"]), 1.0)
+    f_E = jnp.sum(stats["counts"], axis=0) / tokens
+    p_E = jnp.sum(stats["probs"], axis=0) / tokens
+    return num_experts * jnp.sum(f_E * p_E)
+
+
+def expert_load_imbalance(counts_LE):
+    """max over mean of tokens per expert, averaged over MoE layers (1.0 = perfectly balanced)."""
+    mean = jnp.maximum(jnp.mean(counts_LE, axis=-1), 1e-9)
+    return jnp.mean(jnp.max(counts_LE, axis=-1) / mean)

@@ -1,0 +1,263 @@
+"""`qwen35 train` and `qwen35 eval`: the training loop around the jitted step.
+
+The loop owns what the step cannot: data, checkpoints (resume, SIGTERM, corrupt fallback), non-finite handling,
+telemetry, evaluation and the closing text sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import signal
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import yaml
+
+from qwen35_jax.errors import UserError
+from qwen35_jax.model import init_params
+from qwen35_jax.sharding import batch_sharding, make_mesh, param_shardings, replicated, state_shardings, use_mesh
+from qwen35_jax.train import data as train_data
+from qwen35_jax.train.checkpoint import Checkpointer, abstract_like, write_json
+from qwen35_jax.train.config import TrainConfig, load_train_config
+from qwen35_jax.train.metrics import Telemetry, peak_tflops_per_device
+from qwen35_jax.train.optimizer import make_optimizer
+from qwen35_jax.train.step import BATCH_KEYS, init_state, make_eval_step, make_train_step
+
+
+def add_distributed_args(parser):
+    g = parser.add_argument_group("multi-host (automatic on TPU VMs)")
+    g.add_argument("--coordinator", help="host:port of process 0 (jax.distributed.initialize)")
+    g.add_argument("--num-processes", type=int)
+    g.add_argument("--process-id", type=int)
+
+
+def init_distributed(args) -> None:
+    if args.coordinator:
+        jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
+    elif jax.devices()[0].platform == "tpu" and jax.process_count() == 1:
+        try:  # multi-host TPU slices discover each other through the TPU metadata
+            jax.distributed.initialize()
+        except Exception:
+            pass
+
+
+class StopFlag:
+    """SIGTERM / first SIGINT: finish the step, save, exit cleanly. A second SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    def install(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _config_record(tcfg: TrainConfig) -> dict:
+    d = dataclasses.asdict(tcfg)
+    d["model"] = dataclasses.asdict(tcfg.model_config())
+    return json.loads(json.dumps(d, default=list))
+
+
+def _check_same_run(run_dir: Path, record: dict) -> None:
+    saved = run_dir / "config.json"
+    if not saved.exists():
+        return
+    old = json.loads(saved.read_text())
+    keys = ("model", "seq_len", "batch_size", "data", "tokenizer", "seed")
+    changed = [k for k in keys if old.get(k) != record.get(k)]
+    if changed:
+        raise UserError(f"{run_dir} holds a run with a different {changed[0]!r}; resume needs the same setting "
+                        f"(use another run_dir to start a new run)")
+
+
+def train(tcfg: TrainConfig) -> dict:
+    run_dir = Path(tcfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+    record = _config_record(tcfg)
+    model_cfg = tcfg.model_config()
+    tokenizer = train_data.tokenizer_for(tcfg)
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise UserError(f"tokenizer has {tokenizer.vocab_size} tokens but model {model_cfg.name!r} has vocab_size="
+                        f"{model_cfg.vocab_size}; set model.vocab_size={tokenizer.vocab_size}")
+
+    mesh = make_mesh(tcfg.mesh)
+    shapes = jax.eval_shape(lambda: init_params(model_cfg, jax.random.key(tcfg.seed)))
+    p_shard = param_shardings(shapes, mesh, model_cfg.hidden_size)
+    tx, lr_schedule = make_optimizer(tcfg.optimizer, tcfg.steps, shapes)
+    state_shapes = jax.eval_shape(lambda p: init_state(p, tx), shapes)
+    s_shard = state_shardings(state_shapes, mesh, model_cfg.hidden_size)
+    b_shard = batch_sharding(mesh, 2, batch_size=tcfg.batch_size)
+
+    ckpt = Checkpointer(run_dir / "checkpoints", keep=tcfg.keep_checkpoints)
+    telemetry_warn = print if is_main else (lambda *_: None)
+    restored = ckpt.restore_latest(abstract_like(state_shapes, s_shard), warn=telemetry_warn)
+    if restored is not None:
+        _check_same_run(run_dir, record)
+        start_step, state, data_state, _ = restored
+        telemetry_warn(f"resuming {run_dir} from step {start_step}")
+    else:
+        start_step, data_state = 0, None
+        with use_mesh(mesh):
+            init_fn = jax.jit(lambda key: init_state(init_params(model_cfg, key), tx), out_shardings=s_shard)
+            state = init_fn(jax.random.key(tcfg.seed))
+        if tcfg.init_from:
+            state = dict(state, params=train_data.load_init_params(tcfg.init_from, model_cfg, p_shard))
+    if is_main:
+        write_json(run_dir / "config.json", record)
+
+    train_iter = train_data.train_iterator(tcfg, tokenizer, data_state)
+    train_step = make_train_step(model_cfg, tcfg, tx, lr_schedule)
+    with use_mesh(mesh):
+        step_fn = jax.jit(train_step, in_shardings=(s_shard, {k: b_shard for k in BATCH_KEYS}),
+                          out_shardings=(s_shard, replicated(mesh)), donate_argnums=0)
+        eval_fn = jax.jit(make_eval_step(model_cfg), in_shardings=(p_shard, {k: b_shard for k in BATCH_KEYS}))
+
+    tokens_per_step = tcfg.batch_size * tcfg.seq_len
+    flops_per_token = model_cfg.flops_per_token(tcfg.seq_len)
+    peak = peak_tflops_per_device(tcfg.peak_tflops) * 1e12 * jax.device_count()
+    tel = Telemetry(run_dir, tcfg.steps, start_step, tcfg.tensorboard, enabled=is_main)
+    tel.write(f"{model_cfg.name}: {sum(x.size for x in jax.tree.leaves(shapes)) / 1e6:.2f}M params, "
+              f"{jax.device_count()} device(s), mesh {dict(mesh.shape)}, {tokens_per_step} tokens/step")
+    stop = StopFlag().install()
+    summary = {"start_step": start_step}
+    last_log_time, last_log_step, compile_s = time.perf_counter(), start_step, None
+    step = start_step
+    status = "completed"
+    try:
+        while step < tcfg.steps:
+            batch = train_data.to_global(next(train_iter), b_shard)
+            t0 = time.perf_counter()
+            with use_mesh(mesh):
+                state, out = step_fn(state, batch)
+            finite = bool(out["finite"])  # one scalar per step: non-finite steps are never trained through
+            if compile_s is None:
+                compile_s = time.perf_counter() - t0
+                last_log_time, last_log_step = time.perf_counter(), step + 1
+            step += 1
+            tel.step()
+            if not finite:
+                msg = f"non-finite loss or gradients at step {step} (loss={float(out['loss'])}, " \
+                      f"grad_norm={float(out['grad_norm'])}); the update was not applied"
+                tel.write(msg)
+                if tcfg.nonfinite == "stop":
+                    status = "nonfinite"
+                    summary["error"] = msg
+                    break
+            if step % tcfg.log_every == 0 or step == tcfg.steps:
+                now = time.perf_counter()
+                dt = max(now - last_log_time, 1e-9)
+                tps = (step - last_log_step) * tokens_per_step / dt if step > last_log_step else 0.0
+                last_log_time, last_log_step = now, step
+                scalars = {k: np.asarray(v) for k, v in out.items() if k not in ("finite",)}
+                scalars.update(tokens_per_s=tps, mfu=tps * flops_per_token / peak)
+                tel.log(step, scalars, {"loss": f"{float(out['loss']):.3f}", "tok/s": f"{tps:,.0f}",
+                                        "mfu": f"{100 * tps * flops_per_token / peak:.1f}%"})
+                summary.update(loss=float(out["loss"]), tokens_per_s=tps)
+            if step % tcfg.eval_every == 0 or step == tcfg.steps:
+                val = evaluate(tcfg, tokenizer, eval_fn, state["params"], b_shard, mesh)
+                tel.log(step, {"val_loss": val, "val_ppl": float(np.exp(val))})
+                tel.write(f"step {step}: validation loss {val:.4f} (perplexity {np.exp(val):.2f})")
+                summary.update(val_loss=val)
+            if step % tcfg.checkpoint_every == 0 or step == tcfg.steps or stop.signal:
+                ckpt.save(step, state, train_iter.get_state_json(), {"step": step, "status": status})
+            if stop.signal:
+                status = f"stopped by {stop.signal}"
+                tel.write(f"{stop.signal}: saved step {step}, exiting")
+                break
+        if status == "nonfinite":
+            ckpt.save(step - 1, state, train_iter.get_state_json(), {"step": step - 1, "status": status})
+    finally:
+        stop.restore()
+        ckpt.close()
+        tel.close()
+    summary.update(status=status, step=step, compile_s=compile_s, tokens_per_step=tokens_per_step)
+    if status == "completed" and is_main and tcfg.sample_tokens:
+        from qwen35_jax.train.sample import sample_text
+
+        text = sample_text(model_cfg, state["params"], tokenizer, tcfg.sample_prompt, tcfg.sample_tokens,
+                           seed=tcfg.seed)
+        (run_dir / "sample.txt").write_text(text)
+        print(f"--- sample ({tcfg.sample_tokens} tokens) written to {run_dir / 'sample.txt'} ---\n{text}\n---")
+    if is_main:
+        write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def evaluate(tcfg, tokenizer, eval_fn, params, b_shard, mesh) -> float:
+    total, count = 0.0, 0.0
+    for batch in train_data.eval_batches(tcfg, tokenizer):
+        with use_mesh(mesh):
+            s, n = eval_fn(params, train_data.to_global(batch, b_shard))
+        total, count = total + float(s), count + float(n)
+    return total / max(count, 1.0)
+
+
+def train_main(argv) -> int:
+    parser = argparse.ArgumentParser(prog="qwen35 train", description="Train a Qwen3.5-style model.")
+    parser.add_argument("config", nargs="?", help="YAML under configs/train/ (name) or a path; none: embedded default")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nesting (optimizer.lr=1e-3)")
+    add_distributed_args(parser)
+    args = parser.parse_args(argv)
+    if args.config and "=" in args.config:  # `qwen35 train steps=10`: overrides on the embedded default
+        args.overrides.insert(0, args.config)
+        args.config = None
+    init_distributed(args)
+    tcfg = load_train_config(args.config, args.overrides)
+    summary = train(tcfg)
+    if summary["status"] == "nonfinite":
+        raise UserError(summary["error"])
+    return 0
+
+
+def eval_main(argv) -> int:
+    parser = argparse.ArgumentParser(prog="qwen35 eval", description="Score a run's newest checkpoint.")
+    parser.add_argument("run_dir")
+    parser.add_argument("overrides", nargs="*", help="e.g. eval_data='{kind: text, path: notes/}' eval_batches=16")
+    args = parser.parse_args(argv)
+    run_dir = Path(args.run_dir)
+    cfg_file = run_dir / "config.json"
+    if not cfg_file.exists():
+        raise UserError(f"{run_dir}: no config.json (not a qwen35 run directory)")
+    record = json.loads(cfg_file.read_text())
+    tmp = run_dir / "eval_config.yaml"
+    tmp.write_text(yaml.safe_dump({k: v for k, v in record.items()}))
+    tcfg = load_train_config(str(tmp), args.overrides)
+    model_cfg = tcfg.model_config()
+    tokenizer = train_data.tokenizer_for(tcfg)
+    mesh = make_mesh(tcfg.mesh)
+    shapes = jax.eval_shape(lambda: init_params(model_cfg, jax.random.key(0)))
+    p_shard = param_shardings(shapes, mesh, model_cfg.hidden_size)
+    tx, _ = make_optimizer(tcfg.optimizer, tcfg.steps, shapes)
+    state_shapes = jax.eval_shape(lambda p: init_state(p, tx), shapes)
+    ckpt = Checkpointer(run_dir / "checkpoints", keep=tcfg.keep_checkpoints)
+    restored = ckpt.restore_latest(abstract_like(state_shapes, state_shardings(state_shapes, mesh,
+                                                                                model_cfg.hidden_size)))
+    ckpt.close()
+    if restored is None:
+        raise UserError(f"{run_dir}: no checkpoints to evaluate")
+    step, state, _, _ = restored
+    b_shard = batch_sharding(mesh, 2, batch_size=tcfg.batch_size)
+    eval_fn = jax.jit(make_eval_step(model_cfg), in_shardings=(p_shard, {k: b_shard for k in BATCH_KEYS}))
+    val = evaluate(tcfg, tokenizer, eval_fn, state["params"], b_shard, mesh)
+    result = {"step": step, "val_loss": val, "val_ppl": float(np.exp(val))}
+    print(json.dumps(result))
+    return 0
+
+
+__all__ = ["train", "train_main", "eval_main"]

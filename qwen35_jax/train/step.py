@@ -1,0 +1,93 @@
+"""The jitted train and eval steps. Training state is a plain pytree: {"step", "params", "opt_state"}."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from qwen35_jax.config import ModelConfig
+from qwen35_jax.model import forward
+from qwen35_jax.train.config import TrainConfig
+from qwen35_jax.train.losses import cross_entropy_sum, expert_load_imbalance, load_balancing_loss
+
+BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
+
+
+def init_state(params, tx) -> dict:
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+
+def loss_and_metrics(model_cfg: ModelConfig, tcfg: TrainConfig, params, batch, num_tokens):
+    """Loss normalised by `num_tokens` (the whole step's target count, so micro-batches add up exactly)."""
+    logits, aux = forward(model_cfg, params, batch["tokens"], segment_ids=batch["segment_ids"],
+                          positions=batch["positions"], return_aux=True)
+    ce_sum, z_sum = cross_entropy_sum(logits, batch["targets"], batch["loss_mask"])
+    ce = ce_sum / num_tokens
+    total = ce
+    metrics = {"ce_sum": ce_sum}
+    if tcfg.z_loss:
+        total = total + tcfg.z_loss * z_sum / num_tokens
+        metrics["z_loss_sum"] = z_sum
+    stats = aux["router"]
+    if stats is not None:
+        lb = load_balancing_loss(stats, model_cfg.num_experts)
+        if tcfg.router_aux_loss:
+            total = total + model_cfg.router_aux_loss_coef * lb * batch["tokens"].shape[0] / tcfg.batch_size
+        metrics["router_aux"] = lb
+        metrics["expert_counts"] = stats["counts"]
+    return total, metrics
+
+
+def make_train_step(model_cfg: ModelConfig, tcfg: TrainConfig, tx, lr_schedule):
+    accum = tcfg.optimizer.grad_accum
+
+    def train_step(state, batch):
+        num_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+        grad_fn = jax.value_and_grad(
+            lambda p, mb: loss_and_metrics(model_cfg, tcfg, p, mb, num_tokens), has_aux=True)
+        if accum == 1:
+            (loss, metrics), grads = grad_fn(state["params"], batch)
+        else:
+            micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
+
+            def body(carry, mb):
+                (loss, metrics), grads = grad_fn(state["params"], mb)
+                acc_loss, acc_grads, acc_metrics = carry
+                return (acc_loss + loss, jax.tree.map(jnp.add, acc_grads, grads),
+                        jax.tree.map(jnp.add, acc_metrics, metrics)), None
+
+            first = jax.tree.map(lambda x: x[0], micro)
+            shapes = jax.eval_shape(lambda: grad_fn(state["params"], first))
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            (loss, metrics), grads = zeros
+            (loss, grads, metrics), _ = jax.lax.scan(body, (loss, grads, metrics), micro)
+            if "router_aux" in metrics:
+                metrics["router_aux"] = metrics["router_aux"] / accum
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt_state = tx.update(grads, state["opt_state"], state["params"])
+        new_params = optax.apply_updates(state["params"], updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        new_state = {"step": state["step"] + 1, "params": keep(new_params, state["params"]),
+                     "opt_state": keep(new_opt_state, state["opt_state"])}
+        out = {"loss": metrics.pop("ce_sum") / num_tokens, "total_loss": loss, "grad_norm": grad_norm,
+               "lr": lr_schedule(state["step"]), "finite": finite, "tokens": num_tokens}
+        if "expert_counts" in metrics:
+            out["expert_imbalance"] = expert_load_imbalance(metrics.pop("expert_counts"))
+            out["router_aux"] = metrics.pop("router_aux")
+        if "z_loss_sum" in metrics:
+            out["z_loss"] = metrics.pop("z_loss_sum") / num_tokens
+        return new_state, out
+
+    return train_step
+
+
+def make_eval_step(model_cfg: ModelConfig):
+    def eval_step(params, batch):
+        logits = forward(model_cfg, params, batch["tokens"], segment_ids=batch["segment_ids"],
+                         positions=batch["positions"])
+        ce_sum, _ = cross_entropy_sum(logits, batch["targets"], batch["loss_mask"])
+        return ce_sum, jnp.sum(batch["loss_mask"].astype(jnp.float32))
+
+    return eval_step
