@@ -48,12 +48,15 @@ class Block(nn.Module):
     ffn: str
 
     @nn.compact
-    def __call__(self, h_BTD, segment_ids_BT, positions_BT):
+    def __call__(self, h_BTD, segment_ids_BT, positions_BT, cache=None, cache_index=None):
         cfg = self.cfg
         dtype, param_dtype = dtypes(cfg)
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, param_dtype, name=name)  # noqa: E731
+        kwargs = {} if cache is None else {"cache": cache, "cache_index": cache_index}
         mixed = MIXERS[self.mixer](cfg, name="mixer")(
-            norm("input_norm")(h_BTD), segment_ids_BT=segment_ids_BT, positions_BT=positions_BT)
+            norm("input_norm")(h_BTD), segment_ids_BT=segment_ids_BT, positions_BT=positions_BT, **kwargs)
+        if cache is not None:
+            mixed, cache = mixed
         h_BTD = h_BTD + mixed.astype(h_BTD.dtype)
         x_BTD = norm("post_norm")(h_BTD)
         if self.ffn == "moe":
@@ -62,7 +65,7 @@ class Block(nn.Module):
             y_BTD = SwiGLU(cfg.hidden_size, cfg.intermediate_size, dtype, param_dtype, cfg.initializer_range,
                            name="ffn")(x_BTD)
             stats = None
-        return constrain(h_BTD + y_BTD.astype(h_BTD.dtype), ("batch", "seq", "embed")), stats
+        return constrain(h_BTD + y_BTD.astype(h_BTD.dtype), ("batch", "seq", "embed")), (stats, cache)
 
 
 class Group(nn.Module):
@@ -72,17 +75,20 @@ class Group(nn.Module):
     kinds: tuple
 
     @nn.compact
-    def __call__(self, h_BTD, segment_ids_BT, positions_BT):
+    def __call__(self, h_BTD, segment_ids_BT, positions_BT, cache=None, cache_index=None):
         block_cls = Block
         if self.cfg.remat != "none":
             block_cls = nn.remat(Block, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
-        stats = []
+        stats, new_cache = [], {}
         for j, (mixer, ffn) in enumerate(self.kinds):
-            h_BTD, s = block_cls(self.cfg, mixer, ffn, name=f"block_{j}")(h_BTD, segment_ids_BT, positions_BT)
+            name = f"block_{j}"
+            h_BTD, (s, c) = block_cls(self.cfg, mixer, ffn, name=name)(
+                h_BTD, segment_ids_BT, positions_BT, None if cache is None else cache[name], cache_index)
             if s is not None:
                 stats.append(s)
+            new_cache[name] = c
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *stats) if stats else None
-        return h_BTD, stacked
+        return h_BTD, (stacked, new_cache if cache is not None else None)
 
 
 class Qwen35(nn.Module):
@@ -99,7 +105,7 @@ class Qwen35(nn.Module):
         period = layer_period(kinds)
         num_groups = len(kinds) // period
         scanned = nn.scan(Group, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
-                          in_axes=(nn.broadcast, nn.broadcast), length=num_groups,
+                          in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=num_groups,
                           unroll=1 if cfg.scan_layers else num_groups)
         self.layers = scanned(cfg, kinds[:period])
         self.norm = RMSNorm(cfg.rms_norm_eps, param_dtype)
@@ -107,13 +113,13 @@ class Qwen35(nn.Module):
             self.lm_head = self.param("lm_head", dense_init(cfg.initializer_range),
                                       (cfg.hidden_size, cfg.vocab_size), param_dtype)
 
-    def hidden(self, tokens_BT, segment_ids_BT, positions_BT):
+    def hidden(self, tokens_BT, segment_ids_BT, positions_BT, cache=None, cache_index=None):
         dtype, _ = dtypes(self.cfg)
         h_BTD = constrain(self.embed_tokens(tokens_BT).astype(accum_dtype(dtype)), ("batch", "seq", "embed"))
-        h_BTD, stats = self.layers(h_BTD, segment_ids_BT, positions_BT)
+        h_BTD, (stats, cache) = self.layers(h_BTD, segment_ids_BT, positions_BT, cache, cache_index)
         if stats is not None:  # [groups, moe-per-group, ...] -> [moe layers, ...]
             stats = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), stats)
-        return self.norm(h_BTD), stats
+        return self.norm(h_BTD), stats, cache
 
     def logits(self, h_BTD):
         dtype, _ = dtypes(self.cfg)
@@ -121,9 +127,12 @@ class Qwen35(nn.Module):
         logits = jnp.dot(h_BTD.astype(dtype), w_DV.astype(dtype), preferred_element_type=accum_dtype(dtype))
         return constrain(logits, ("batch", "seq", "vocab"))
 
-    def __call__(self, tokens_BT, segment_ids_BT, positions_BT):
-        h_BTD, stats = self.hidden(tokens_BT, segment_ids_BT, positions_BT)
-        return self.logits(h_BTD), {"hidden": h_BTD, "router": stats}
+    def __call__(self, tokens_BT, segment_ids_BT, positions_BT, cache=None, cache_index=None):
+        h_BTD, stats, cache = self.hidden(tokens_BT, segment_ids_BT, positions_BT, cache, cache_index)
+        aux = {"hidden": h_BTD, "router": stats}
+        if cache is not None:
+            aux["cache"] = cache
+        return self.logits(h_BTD), aux
 
 
 @functools.lru_cache(maxsize=64)
@@ -175,3 +184,37 @@ def forward(cfg: ModelConfig, params, tokens, *, segment_ids=None, positions=Non
     seg, pos = default_inputs(tokens, segment_ids, positions)
     logits, aux = module_for(cfg).apply({"params": params}, jnp.asarray(tokens, jnp.int32), seg, pos)
     return (logits, aux) if return_aux else logits
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+    """Decode state: per layer a KV cache (attention) or conv window + fp32 delta-rule state (Gated DeltaNet),
+    stacked like the parameters ([num_groups] leading axis per block of the period), plus the write index."""
+    dtype = dtype or dtypes(cfg)[0]
+    kinds = cfg.layer_kinds
+    period = layer_period(kinds)
+    groups = len(kinds) // period
+    layers = {}
+    for j, (mixer, _) in enumerate(kinds[:period]):
+        one = MIXERS[mixer].init_cache(cfg, batch, max_len, dtype)
+        layers[f"block_{j}"] = jax.tree.map(lambda x: jnp.broadcast_to(x, (groups,) + x.shape), one)
+    return {"index": jnp.zeros((), jnp.int32), "layers": layers}
+
+
+def forward_cached(cfg: ModelConfig, params, tokens, cache, *, segment_ids=None, positions=None):
+    """Runs `tokens [B, T]` on top of `cache` (prefill when the cache is empty, decode otherwise).
+
+    Returns (logits [B, T, V], hidden [B, T, D], new cache). Positions default to the cache index onwards; pass them
+    for left-padded batches (padding carries segment id 0 and is never attended to).
+    """
+    check_tokens(cfg, tokens)
+    tokens = jnp.asarray(tokens, jnp.int32)
+    B, T = tokens.shape
+    index = cache["index"]
+    if segment_ids is None:
+        segment_ids = jnp.ones((B, T), jnp.int32)
+    if positions is None:
+        positions = jnp.broadcast_to(index + jnp.arange(T, dtype=jnp.int32), (B, T))
+    logits, aux = module_for(cfg).apply({"params": params}, tokens, jnp.asarray(segment_ids, jnp.int32),
+                                        jnp.asarray(positions, jnp.int32), cache["layers"], index)
+    new_cache = {"index": index + T, "layers": aux["cache"]}
+    return logits, aux["hidden"], new_cache

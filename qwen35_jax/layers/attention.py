@@ -31,6 +31,23 @@ def attention_mask_BTS(segment_ids_BT, positions_BT=None, sliding_window: int = 
     return mask
 
 
+def update_kv_cache(cache, index, k_BTGK, v_BTGK, segment_ids_BT, sliding_window: int = 0):
+    """Writes T new keys/values at slot `index` (k after norm and RoPE); returns the cache, all keys/values and the
+    [B, T, S] mask: causal over slots, padded slots (segment id 0) never attended."""
+    T, S = k_BTGK.shape[1], cache["k"].shape[1]
+    k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_BTGK.astype(cache["k"].dtype), index, axis=1)
+    v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_BTGK.astype(cache["v"].dtype), index, axis=1)
+    valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], segment_ids_BT != 0, index, axis=1)
+    q_slot = index + jnp.arange(T)
+    k_slot = jnp.arange(S)
+    causal = k_slot[None, :] <= q_slot[:, None]
+    if sliding_window:
+        causal = causal & (q_slot[:, None] - k_slot[None, :] < sliding_window)
+    mask = causal[None] & valid[:, None, :]
+    mask = mask | (k_slot[None, None, :] == q_slot[None, :, None])  # a padded query attends to itself (no NaN)
+    return {"k": k, "v": v, "valid": valid}, k, v, mask
+
+
 def softmax_attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS, *, return_probs=False):
     """GQA softmax attention in fp32; query head h reads kv head h // (H / G)."""
     B, T, H, K = q_BTHK.shape
@@ -49,7 +66,7 @@ class GatedAttention(nn.Module):
     cfg: object
 
     @nn.compact
-    def __call__(self, x_BTD, *, segment_ids_BT, positions_BT, return_probs=False):
+    def __call__(self, x_BTD, *, segment_ids_BT, positions_BT, cache=None, cache_index=None, return_probs=False):
         cfg = self.cfg
         dtype, param_dtype = dtypes(cfg)
         B, T, _ = x_BTD.shape
@@ -64,7 +81,11 @@ class GatedAttention(nn.Module):
         q_BTHK, k_BTGK = norm("q_norm")(q_BTHK), norm("k_norm")(k_BTGK)
         cos, sin = rope_cos_sin(positions_BT, cfg.rotary_dim, cfg.rope_theta, dtype)
         q_BTHK, k_BTGK = apply_rope(q_BTHK, cos, sin), apply_rope(k_BTGK, cos, sin)
-        mask = attention_mask_BTS(segment_ids_BT, positions_BT, cfg.sliding_window)
+        if cache is None:
+            mask = attention_mask_BTS(segment_ids_BT, positions_BT, cfg.sliding_window)
+        else:
+            cache, k_BTGK, v_BTGK, mask = update_kv_cache(cache, cache_index, k_BTGK, v_BTGK, segment_ids_BT,
+                                                          cfg.sliding_window)
         out = softmax_attention(q_BTHK, k_BTGK, v_BTGK, mask, return_probs=return_probs)
         out_BTHK, probs = out if return_probs else (out, None)
         if W:
@@ -72,7 +93,13 @@ class GatedAttention(nn.Module):
         y = dense(cfg.hidden_size, "o_proj")(out_BTHK.reshape(B, T, H * K).astype(dtype))
         if return_probs:
             self.sow("intermediates", "attn_probs", probs)
-        return y
+        return y if cache is None else (y, cache)
+
+    @staticmethod
+    def init_cache(cfg, batch: int, max_len: int, dtype):
+        shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+                "valid": jnp.zeros((batch, max_len), bool)}
 
     @staticmethod
     def num_params(cfg) -> int:

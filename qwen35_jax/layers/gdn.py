@@ -14,6 +14,9 @@ from qwen35_jax.layers.common import accum_dtype, dense_init, dtypes
 from qwen35_jax.layers.norms import GatedRMSNorm
 
 
+DECODE_RECURRENT_MAX = 8  # up to this many new tokens, decoding steps through the recurrence token by token
+
+
 def a_log_init(key, shape, dtype):
     return jnp.log(jax.random.uniform(key, shape, jnp.float32, 0.01, 16.0)).astype(dtype)
 
@@ -41,7 +44,7 @@ class GatedDeltaNet(nn.Module):
     cfg: object
 
     @nn.compact
-    def __call__(self, x_BTD, *, segment_ids_BT, positions_BT=None):
+    def __call__(self, x_BTD, *, segment_ids_BT, positions_BT=None, cache=None, cache_index=None):
         cfg = self.cfg
         dtype, param_dtype = dtypes(cfg)
         B, T, _ = x_BTD.shape
@@ -55,8 +58,14 @@ class GatedDeltaNet(nn.Module):
         a_BTH = dense(Hv, "in_proj_a")(x_BTD)
         kernel_KC = self.param("conv1d", conv_init, (cfg.gdn_conv_kernel, cfg.gdn_conv_dim), param_dtype)
         f32 = accum_dtype(dtype)  # the conv sums K taps: accumulate in fp32 and round once, as a fused conv does
-        qkv_BTC = jax.nn.silu(causal_depthwise_conv(qkv_BTC.astype(f32), kernel_KC.astype(f32), segment_ids_BT))
-        qkv_BTC = qkv_BTC.astype(dtype)
+        if cache is None:
+            conv_BTC = causal_depthwise_conv(qkv_BTC.astype(f32), kernel_KC.astype(f32), segment_ids_BT)
+        else:  # continue from the last K-1 pre-conv columns of this sequence
+            window = jnp.concatenate([cache["conv"].astype(f32), qkv_BTC.astype(f32)], axis=1)
+            ones = jnp.ones(window.shape[:2], jnp.int32)
+            conv_BTC = causal_depthwise_conv(window, kernel_KC.astype(f32), ones)[:, -T:]
+            new_conv = window[:, -(cfg.gdn_conv_kernel - 1):].astype(cache["conv"].dtype)
+        qkv_BTC = jax.nn.silu(conv_BTC).astype(dtype)
         q_BTHK = qkv_BTC[..., : Hk * dk].reshape(B, T, Hk, dk)
         k_BTHK = qkv_BTC[..., Hk * dk: 2 * Hk * dk].reshape(B, T, Hk, dk)
         v_BTHV = qkv_BTC[..., 2 * Hk * dk:].reshape(B, T, Hv, dv)
@@ -64,11 +73,27 @@ class GatedDeltaNet(nn.Module):
         A_log = self.param("A_log", a_log_init, (Hv,), param_dtype)
         beta_BTH = jax.nn.sigmoid(b_BTH)
         g_BTH = -jnp.exp(A_log.astype(f32)) * jax.nn.softplus(a_BTH.astype(f32) + dt_bias.astype(f32))
-        o_BTHV, _ = chunk_gated_delta_rule(
-            q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, segment_ids=segment_ids_BT, use_qk_l2norm=True,
-            chunk_size=cfg.gdn_chunk_size, impl=cfg.gdn_impl)
+        if cache is None:
+            o_BTHV, _ = chunk_gated_delta_rule(
+                q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, segment_ids=segment_ids_BT, use_qk_l2norm=True,
+                chunk_size=cfg.gdn_chunk_size, impl=cfg.gdn_impl)
+        else:  # a few tokens decode with the per-token recurrence; a prompt uses the chunked form
+            impl = "recurrent" if T <= DECODE_RECURRENT_MAX else cfg.gdn_impl
+            o_BTHV, state = chunk_gated_delta_rule(
+                q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, initial_state=cache["state"], output_final_state=True,
+                use_qk_l2norm=True, chunk_size=cfg.gdn_chunk_size, impl=impl)
+            cache = {"conv": new_conv, "state": state}
         y_BTHV = GatedRMSNorm(cfg.rms_norm_eps, param_dtype, name="norm")(o_BTHV.astype(dtype), z_BTHV)
-        return dense(cfg.hidden_size, "out_proj")(y_BTHV.reshape(B, T, Hv * dv))
+        y = dense(cfg.hidden_size, "out_proj")(y_BTHV.reshape(B, T, Hv * dv))
+        return y if cache is None else (y, cache)
+
+    @staticmethod
+    def init_cache(cfg, batch: int, max_len: int, dtype):
+        """Constant size in the context length: the conv window and the fp32 delta-rule state."""
+        del max_len
+        return {"conv": jnp.zeros((batch, cfg.gdn_conv_kernel - 1, cfg.gdn_conv_dim), dtype),
+                "state": jnp.zeros((batch, cfg.gdn_num_value_heads, cfg.gdn_key_dim, cfg.gdn_value_dim),
+                                   jnp.float32)}
 
     @staticmethod
     def num_params(cfg) -> int:

@@ -117,7 +117,7 @@ def train(tcfg: TrainConfig) -> dict:
             init_fn = jax.jit(lambda key: init_state(init_params(model_cfg, key), tx), out_shardings=s_shard)
             state = init_fn(jax.random.key(tcfg.seed))
         if tcfg.init_from:
-            state = dict(state, params=train_data.load_init_params(tcfg.init_from, model_cfg, p_shard))
+            state = dict(state, params=train_data.load_init_params(tcfg.init_from, model_cfg, shapes, p_shard))
     if is_main:
         write_json(run_dir / "config.json", record)
 

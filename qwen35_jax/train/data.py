@@ -1,0 +1,134 @@
+"""The trainer's view of data: tokenizer from the config, resumable train iterator, eval batches, global arrays."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from qwen35_jax.errors import UserError
+from qwen35_jax.train.config import TrainConfig
+
+BATCH_DTYPES = {"tokens": np.int32, "targets": np.int32, "segment_ids": np.int32, "positions": np.int32,
+                "loss_mask": np.float32}
+
+
+def tokenizer_for(tcfg: TrainConfig):
+    from qwen35_jax.data import tokenizer as tok
+
+    spec = tcfg.tokenizer
+    if isinstance(spec, str):
+        spec = {"path": spec}
+    if not isinstance(spec, dict):
+        raise UserError(f"tokenizer must be a mapping or a path, got {spec!r}")
+    kind = spec.get("kind", "file")
+    if kind == "stdlib":
+        return tok.default_tokenizer(vocab_size=int(spec.get("vocab_size", 4096)))
+    path = spec.get("path")
+    if not path:
+        raise UserError(f"tokenizer {spec}: needs a 'path' (a sentencepiece .model or a tokenizer.json)")
+    return tok.load_tokenizer(path)
+
+
+def _data_spec(spec):
+    return {"kind": "text", "path": spec} if isinstance(spec, str) else dict(spec)
+
+
+class TrainIterator:
+    """Wraps the grain iterator: numpy batches, and a JSON-serialisable state for checkpoints."""
+
+    def __init__(self, it):
+        self.it = it
+
+    def __next__(self) -> dict:
+        batch = next(self.it)
+        return {k: np.asarray(batch[k], BATCH_DTYPES[k]) for k in BATCH_DTYPES}
+
+    def get_state_json(self) -> dict:
+        state = self.it.get_state()
+        if isinstance(state, bytes):
+            return {"bytes_b64": base64.b64encode(state).decode()}
+        return {"state": json.loads(json.dumps(state, default=_jsonable))}
+
+    def set_state_json(self, d: dict) -> None:
+        self.it.set_state(base64.b64decode(d["bytes_b64"]) if "bytes_b64" in d else d["state"])
+
+
+def _jsonable(x):
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, bytes):
+        return base64.b64encode(x).decode()
+    raise TypeError(f"data iterator state holds a {type(x).__name__}, which cannot be checkpointed as JSON")
+
+
+def train_iterator(tcfg: TrainConfig, tokenizer, data_state: dict | None) -> TrainIterator:
+    from qwen35_jax.data.pipeline import make_dataset
+
+    start, per_process = _process_rows(tcfg.batch_size)
+    it = make_dataset(_data_spec(tcfg.data), tokenizer, seq_len=tcfg.seq_len, batch_size=per_process,
+                      seed=tcfg.seed, shuffle=True, num_epochs=None, process_index=jax.process_index(),
+                      process_count=jax.process_count(), num_workers=tcfg.num_workers)
+    wrapped = TrainIterator(it)
+    if data_state is not None:
+        wrapped.set_state_json(data_state)
+    return wrapped
+
+
+def eval_batches(tcfg: TrainConfig, tokenizer):
+    from qwen35_jax.data.pipeline import make_eval_dataset
+
+    spec = tcfg.eval_data if tcfg.eval_data is not None else {**_data_spec(tcfg.data), "split": "validation"}
+    _, per_process = _process_rows(tcfg.batch_size)
+    it = make_eval_dataset(_data_spec(spec), tokenizer, seq_len=tcfg.seq_len, batch_size=per_process,
+                           process_index=jax.process_index(), process_count=jax.process_count())
+    for i, batch in enumerate(it):
+        if i >= tcfg.eval_batches:
+            break
+        yield {k: np.asarray(batch[k], BATCH_DTYPES[k]) for k in BATCH_DTYPES}
+
+
+def _process_rows(global_batch: int):
+    n = jax.process_count()
+    if global_batch % n:
+        raise UserError(f"batch_size={global_batch} is not divisible by the {n} processes")
+    return jax.process_index() * (global_batch // n), global_batch // n
+
+
+def to_global(batch: dict, sharding) -> dict:
+    """This process's rows -> global arrays laid out by `sharding`."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def load_init_params(path, model_cfg, shapes, shardings):
+    """Start a run from a Hugging Face folder (config.json + safetensors) or orbax parameters (converted folder or a
+    run directory); the tree and shapes must match the run's model."""
+    path = Path(path)
+    if (path / "config.json").exists() and any(path.glob("*.safetensors*")):
+        from qwen35_jax import hf
+
+        _, params = hf.load(path, dtype=model_cfg.param_dtype)
+    else:
+        from qwen35_jax.train.convert import load_orbax_params
+
+        params = load_orbax_params(path)
+    check_param_shapes(params, shapes, str(path))
+    return jax.device_put(jax.tree.map(lambda x, s: np.asarray(x, s.dtype), params, shapes), shardings)
+
+
+def check_param_shapes(params, reference, where: str) -> None:
+    """Same tree and shapes as `reference` (arrays, shape structs or shardings with shapes), else a named error."""
+    ref = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(reference)}
+    got = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)}
+    for k in ref:
+        if k not in got:
+            raise UserError(f"{where}: missing parameter {k}")
+    for k, x in got.items():
+        if k not in ref:
+            raise UserError(f"{where}: unexpected parameter {k} with shape {tuple(x.shape)}")
+        if hasattr(ref[k], "shape") and tuple(ref[k].shape) != tuple(x.shape):
+            raise UserError(f"{where}: parameter {k} has shape {tuple(x.shape)}, the model expects "
+                            f"{tuple(ref[k].shape)}")
