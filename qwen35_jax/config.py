@@ -208,7 +208,7 @@ def validate(cfg: ModelConfig) -> None:
              f"{f} {getattr(cfg, f)!r} is not a float dtype name")
     need(cfg.gdn_impl in ("auto", "xla", "pallas", "recurrent"), f"gdn_impl {cfg.gdn_impl!r} is unknown")
     need(cfg.gdn_conv_kernel >= 1, "gdn_conv_kernel must be >= 1")
-    need(cfg.mtp_num_layers >= 0, "mtp_num_layers must be >= 0")
+    need(cfg.mtp_num_layers in (0, 1), f"mtp_num_layers={cfg.mtp_num_layers}: the released design has 0 or 1")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -331,9 +331,10 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
         active += m + f_active
     mtp = 0
     if cfg.mtp_num_layers:
-        f_total, _ = _ffn_params(cfg, cfg.ffn_pattern[-1])
+        f_total, _ = _ffn_params(cfg, "moe" if cfg.is_moe else "mlp")
         per = 2 * D + 2 * D * D + D + _mixer_params(cfg, "attn") + 2 * D + f_total
         mtp = cfg.mtp_num_layers * per
+    total += mtp
     return {"total": total, "active": active, "embedding": embed + head, "mtp": mtp,
             "non_embedding": total - embed - head}
 

@@ -32,7 +32,7 @@ EXPORT = {
     "qwen3_5_moe": ("qwen3_5_moe_text", "Qwen3_5MoeForCausalLM"),
     "qwen3_next": ("qwen3_next", "Qwen3NextForCausalLM"),
 }
-IGNORED_PREFIXES = ("mtp.", "model.visual.")
+IGNORED_PREFIXES = ("model.visual.",)
 NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float64": np.float64}
 
 
@@ -155,11 +155,11 @@ def _leaf(path, group=None, index=(), to_ours=lambda a: a, to_hf=lambda a: a, sh
 
     def put(buffers, a):
         dst = buffers[path]
-        dst[(group,) + index if group is not None else index] = to_ours(a)
+        dst[((group,) if group is not None else ()) + index] = to_ours(a)
 
     def get(params):
         src = _get(params, path)
-        src = src[(group,) + index] if group is not None else src[index] if index else src
+        src = src[((group,) if group is not None else ()) + index]
         return to_hf(np.asarray(src))
 
     return Spec(shape, put, get)
@@ -182,38 +182,51 @@ def tensor_specs(cfg: ModelConfig, prefix: str = "model.", expert_layout: str = 
         specs["lm_head.weight"] = _leaf(("lm_head",), to_ours=T, to_hf=T, shape=(V, D))
     period = layer_period(cfg.layer_kinds)
     for i, (mixer, ffn) in enumerate(cfg.layer_kinds):
-        g, blk = i // period, ("layers", f"block_{i % period}")
-        pre = f"{prefix}layers.{i}."
-
-        def lin(name, path, out, inp, idx=()):
-            specs[pre + name] = _leaf(blk + path, g, idx, T, T, (out, inp))
-
-        def vec(name, path, n):
-            specs[pre + name] = _leaf(blk + path, g, shape=(n,))
-
-        vec("input_layernorm.weight", ("input_norm", "scale"), D)
-        vec("post_attention_layernorm.weight", ("post_norm", "scale"), D)
-        if mixer == "attn":
-            H, G, K = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-            m = ("mixer",)
-            lin("self_attn.q_proj.weight", m + ("q_proj", "kernel"), 2 * H * K, D)
-            lin("self_attn.k_proj.weight", m + ("k_proj", "kernel"), G * K, D)
-            lin("self_attn.v_proj.weight", m + ("v_proj", "kernel"), G * K, D)
-            lin("self_attn.o_proj.weight", m + ("o_proj", "kernel"), D, H * K)
-            vec("self_attn.q_norm.weight", m + ("q_norm", "scale"), K)
-            vec("self_attn.k_norm.weight", m + ("k_norm", "scale"), K)
-        else:
-            _gdn_specs(cfg, specs, pre + "linear_attn.", blk + ("mixer",), g)
-        if ffn == "mlp":
-            for name, out, inp in (("gate_proj", cfg.intermediate_size, D), ("up_proj", cfg.intermediate_size, D),
-                                   ("down_proj", D, cfg.intermediate_size)):
-                lin(f"mlp.{name}.weight", ("ffn", name, "kernel"), out, inp)
-        else:
-            _moe_specs(cfg, specs, pre + "mlp.", blk + ("ffn",), g, expert_layout)
+        _block_specs(cfg, specs, f"{prefix}layers.{i}.", ("layers", f"block_{i % period}"), i // period, mixer, ffn,
+                     expert_layout)
+    if cfg.mtp_num_layers:
+        m = ("mtp",)
+        for name in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+            specs[f"mtp.{name}.weight"] = _leaf(m + (name, "scale"), shape=(D,))
+        specs["mtp.fc.weight"] = _leaf(m + ("fc", "kernel"), None, (), T, T, (D, 2 * D))
+        _block_specs(cfg, specs, "mtp.layers.0.", m + ("layers_0",), None, "attn", "moe" if cfg.is_moe else "mlp",
+                     expert_layout)
     return specs
 
 
+def _block_specs(cfg, specs, pre, blk, g, mixer, ffn, expert_layout):
+    """One decoder layer at params[blk] (stacked layers: index g of the leading axis; g=None: not stacked)."""
+    D = cfg.hidden_size
+
+    def lin(name, path, out, inp):
+        specs[pre + name] = _leaf(blk + path, g, (), T, T, (out, inp))
+
+    def vec(name, path, n):
+        specs[pre + name] = _leaf(blk + path, g, shape=(n,))
+
+    vec("input_layernorm.weight", ("input_norm", "scale"), D)
+    vec("post_attention_layernorm.weight", ("post_norm", "scale"), D)
+    if mixer == "attn":
+        H, G, K = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        m = ("mixer",)
+        lin("self_attn.q_proj.weight", m + ("q_proj", "kernel"), 2 * H * K, D)
+        lin("self_attn.k_proj.weight", m + ("k_proj", "kernel"), G * K, D)
+        lin("self_attn.v_proj.weight", m + ("v_proj", "kernel"), G * K, D)
+        lin("self_attn.o_proj.weight", m + ("o_proj", "kernel"), D, H * K)
+        vec("self_attn.q_norm.weight", m + ("q_norm", "scale"), K)
+        vec("self_attn.k_norm.weight", m + ("k_norm", "scale"), K)
+    else:
+        _gdn_specs(cfg, specs, pre + "linear_attn.", blk + ("mixer",), g)
+    if ffn == "mlp":
+        for name, out, inp in (("gate_proj", cfg.intermediate_size, D), ("up_proj", cfg.intermediate_size, D),
+                               ("down_proj", D, cfg.intermediate_size)):
+            lin(f"mlp.{name}.weight", ("ffn", name, "kernel"), out, inp)
+    else:
+        _moe_specs(cfg, specs, pre + "mlp.", blk + ("ffn",), g, expert_layout)
+
+
 def _gdn_specs(cfg, specs, pre, m, g):
+    gi = (g,) if g is not None else ()
     D = cfg.hidden_size
     Hk, Hv, dk, dv, C = (cfg.gdn_num_key_heads, cfg.gdn_num_value_heads, cfg.gdn_key_dim, cfg.gdn_value_dim,
                          cfg.gdn_conv_dim)
@@ -234,24 +247,24 @@ def _gdn_specs(cfg, specs, pre, m, g):
         a = a.reshape(Hk, 2 * dk + 2 * r * dv, D)
         q, k = a[:, :dk].reshape(-1, D), a[:, dk:2 * dk].reshape(-1, D)
         v, z = a[:, 2 * dk:2 * dk + r * dv].reshape(-1, D), a[:, 2 * dk + r * dv:].reshape(-1, D)
-        buffers[m + ("in_proj_qkv", "kernel")][g] = np.concatenate([q, k, v]).T
-        buffers[m + ("in_proj_z", "kernel")][g] = z.T
+        buffers[m + ("in_proj_qkv", "kernel")][gi] = np.concatenate([q, k, v]).T
+        buffers[m + ("in_proj_z", "kernel")][gi] = z.T
 
     def get_qkvz(params):
-        qkv = np.asarray(_get(params, m + ("in_proj_qkv", "kernel"))[g]).T
-        z = np.asarray(_get(params, m + ("in_proj_z", "kernel"))[g]).T
+        qkv = np.asarray(_get(params, m + ("in_proj_qkv", "kernel"))[gi]).T
+        z = np.asarray(_get(params, m + ("in_proj_z", "kernel"))[gi]).T
         q, k, v = qkv[:Hk * dk], qkv[Hk * dk:2 * Hk * dk], qkv[2 * Hk * dk:]
         parts = [q.reshape(Hk, dk, D), k.reshape(Hk, dk, D), v.reshape(Hk, r * dv, D), z.reshape(Hk, r * dv, D)]
         return np.concatenate(parts, axis=1).reshape(-1, D)
 
     def put_ba(buffers, a):
         a = a.reshape(Hk, 2 * r, D)
-        buffers[m + ("in_proj_b", "kernel")][g] = a[:, :r].reshape(Hv, D).T
-        buffers[m + ("in_proj_a", "kernel")][g] = a[:, r:].reshape(Hv, D).T
+        buffers[m + ("in_proj_b", "kernel")][gi] = a[:, :r].reshape(Hv, D).T
+        buffers[m + ("in_proj_a", "kernel")][gi] = a[:, r:].reshape(Hv, D).T
 
     def get_ba(params):
-        b = np.asarray(_get(params, m + ("in_proj_b", "kernel"))[g]).T.reshape(Hk, r, D)
-        a = np.asarray(_get(params, m + ("in_proj_a", "kernel"))[g]).T.reshape(Hk, r, D)
+        b = np.asarray(_get(params, m + ("in_proj_b", "kernel"))[gi]).T.reshape(Hk, r, D)
+        a = np.asarray(_get(params, m + ("in_proj_a", "kernel"))[gi]).T.reshape(Hk, r, D)
         return np.concatenate([b, a], axis=1).reshape(-1, D)
 
     specs[pre + "in_proj_qkvz.weight"] = Spec((2 * Hk * dk + 2 * Hv * dv, D), put_qkvz, get_qkvz)
@@ -339,6 +352,9 @@ def load(path, dtype: str = "float32", compute_dtype: str | None = None) -> tupl
     reader = _Reader(path)
     names = reader.names()
     prefix, layout = _prefix_and_layout(cfg_dict, names)
+    has_mtp = any(n.startswith("mtp.") for n in names)
+    if has_mtp != bool(cfg.mtp_num_layers):  # trust the tensors: stripped checkpoints drop the MTP head
+        cfg = cfg.replace(mtp_num_layers=1 if has_mtp else 0)
     specs = tensor_specs(cfg, prefix, layout)
     missing = [n for n in specs if n not in reader.weight_map]
     if missing:
@@ -367,12 +383,6 @@ def load(path, dtype: str = "float32", compute_dtype: str | None = None) -> tupl
             node = node.setdefault(k, {})
         node[key[-1]] = jax.numpy.asarray(buffers.pop(key))
     return cfg, params
-
-
-def load_mtp_tensors(path) -> dict[str, np.ndarray]:
-    """The released `mtp.*` tensors, by name (the MTP head is built from them)."""
-    reader = _Reader(Path(path))
-    return {n: reader.read(n) for n in reader.names() if n.startswith("mtp.")}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -91,6 +91,25 @@ class Group(nn.Module):
         return h_BTD, (stacked, new_cache if cache is not None else None)
 
 
+class MTP(nn.Module):
+    """Multi-token prediction head: position t combines the embedding of token t+1 with the main model's final
+    hidden state h_t, runs one full-attention decoder layer, and (through the shared LM head) predicts token t+2."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, emb_next_BTD, h_BTD, segment_ids_BT, positions_BT, cache=None, cache_index=None):
+        cfg = self.cfg
+        dtype, param_dtype = dtypes(cfg)
+        norm = lambda name: RMSNorm(cfg.rms_norm_eps, param_dtype, name=name)  # noqa: E731
+        x = jnp.concatenate([norm("pre_fc_norm_embedding")(emb_next_BTD), norm("pre_fc_norm_hidden")(h_BTD)], -1)
+        u = nn.Dense(cfg.hidden_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                     kernel_init=dense_init(cfg.initializer_range), name="fc")(x).astype(h_BTD.dtype)
+        u, (stats, cache) = Block(cfg, "attn", "moe" if cfg.is_moe else "mlp", name="layers_0")(
+            u, segment_ids_BT, positions_BT, cache, cache_index)
+        return norm("norm")(u), stats, cache
+
+
 class Qwen35(nn.Module):
     """Returns (logits [B, T, V] fp32, aux) where aux holds the final hidden state and router statistics."""
 
@@ -112,6 +131,8 @@ class Qwen35(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = self.param("lm_head", dense_init(cfg.initializer_range),
                                       (cfg.hidden_size, cfg.vocab_size), param_dtype)
+        if cfg.mtp_num_layers:
+            self.mtp = MTP(cfg)
 
     def hidden(self, tokens_BT, segment_ids_BT, positions_BT, cache=None, cache_index=None):
         dtype, _ = dtypes(self.cfg)
@@ -127,11 +148,21 @@ class Qwen35(nn.Module):
         logits = jnp.dot(h_BTD.astype(dtype), w_DV.astype(dtype), preferred_element_type=accum_dtype(dtype))
         return constrain(logits, ("batch", "seq", "vocab"))
 
-    def __call__(self, tokens_BT, segment_ids_BT, positions_BT, cache=None, cache_index=None):
+    def mtp_logits(self, h_BTD, next_tokens_BT, segment_ids_BT, positions_BT, cache=None, cache_index=None):
+        """Logits for token t+2 at each position t (from h_t and token t+1), router stats, MTP cache."""
+        dtype, _ = dtypes(self.cfg)
+        emb = self.embed_tokens(next_tokens_BT).astype(accum_dtype(dtype))
+        u_BTD, stats, cache = self.mtp(emb, h_BTD, segment_ids_BT, positions_BT, cache, cache_index)
+        return self.logits(u_BTD), stats, cache
+
+    def __call__(self, tokens_BT, segment_ids_BT, positions_BT, cache=None, cache_index=None, mtp_tokens_BT=None):
         h_BTD, stats, cache = self.hidden(tokens_BT, segment_ids_BT, positions_BT, cache, cache_index)
         aux = {"hidden": h_BTD, "router": stats}
         if cache is not None:
             aux["cache"] = cache
+        if mtp_tokens_BT is not None and self.cfg.mtp_num_layers:
+            aux["mtp_logits"], aux["mtp_router"], _ = self.mtp_logits(h_BTD, mtp_tokens_BT, segment_ids_BT,
+                                                                      positions_BT)
         return self.logits(h_BTD), aux
 
 
@@ -170,19 +201,23 @@ def init_params(cfg: ModelConfig, rng) -> dict:
     """Parameters as a plain nested dict of arrays (`param_dtype`)."""
     tokens = jnp.zeros((1, 8), jnp.int32)
     seg, pos = default_inputs(tokens)
-    variables = module_for(cfg).init(rng, tokens, seg, pos)
+    variables = module_for(cfg).init(rng, tokens, seg, pos, mtp_tokens_BT=tokens if cfg.mtp_num_layers else None)
     return nn.meta.unbox(variables["params"])
 
 
-def forward(cfg: ModelConfig, params, tokens, *, segment_ids=None, positions=None, return_aux=False):
+def forward(cfg: ModelConfig, params, tokens, *, segment_ids=None, positions=None, return_aux=False,
+            mtp_tokens=None):
     """Logits [B, T, V] in fp32 (and, with `return_aux`, {"hidden": [B, T, D], "router": stats or None}).
 
     `segment_ids [B, T]` numbers the documents packed in a row (0 marks padding: it is neither attended to nor fed to
-    the recurrent layers); `positions [B, T]` are RoPE positions (default 0..T-1).
+    the recurrent layers); `positions [B, T]` are RoPE positions (default 0..T-1). With `mtp_tokens [B, T]` (token
+    t+1 at position t, i.e. the targets) and an MTP head, aux also holds "mtp_logits" (predicting token t+2).
     """
     check_tokens(cfg, tokens)
     seg, pos = default_inputs(tokens, segment_ids, positions)
-    logits, aux = module_for(cfg).apply({"params": params}, jnp.asarray(tokens, jnp.int32), seg, pos)
+    mtp = None if mtp_tokens is None else jnp.asarray(mtp_tokens, jnp.int32)
+    logits, aux = module_for(cfg).apply({"params": params}, jnp.asarray(tokens, jnp.int32), seg, pos,
+                                        mtp_tokens_BT=mtp)
     return (logits, aux) if return_aux else logits
 
 

@@ -53,11 +53,10 @@ def test_unexpected_tensor_is_named(checkpoint, tmp_path):
         hf.load(bad)
 
 
-def test_mtp_tensors_are_kept_for_later(checkpoint, tmp_path):
-    mtp = np.arange(6, dtype=np.float32).reshape(2, 3)
-    path = rewrite(checkpoint, tmp_path / "mtp", lambda t: t.update({"mtp.fc.weight": mtp}))
-    hf.load(path)  # not an unexpected tensor
-    np.testing.assert_array_equal(hf.load_mtp_tensors(path)["mtp.fc.weight"], mtp)
+def test_partial_mtp_head_is_an_error(checkpoint, tmp_path):
+    path = rewrite(checkpoint, tmp_path / "mtp", lambda t: t.update({"mtp.fc.weight": np.zeros((64, 128))}))
+    with pytest.raises(hf.CheckpointError, match=r"missing tensor 'mtp\."):
+        hf.load(path)
 
 
 def test_corrupt_safetensors_file(checkpoint, tmp_path):
