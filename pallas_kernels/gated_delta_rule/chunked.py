@@ -1,0 +1,80 @@
+"""The chunked gated delta rule in jax.numpy (WY representation): the portable path for CPU and GPU.
+
+All intra-chunk work (the masked K K^T, the unit-lower-triangular solve for U and W, Q K^T) runs batched over every
+chunk at once; only the state recurrence walks the chunks in a `lax.scan`. Packed documents: couplings across a
+document boundary are masked, the incoming state reaches only the tokens before the chunk's first boundary, and only
+the chunk's last document updates the outgoing state.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from .reference import document_starts, prepare
+
+HI = jax.lax.Precision.HIGHEST
+
+
+def _chunks(x, N, C):
+    """[B, T, H, ...] -> [B, H, N, C, ...]."""
+    B, _, H = x.shape[:3]
+    x = x.reshape((B, N, C, H) + x.shape[3:])
+    return jnp.moveaxis(x, 3, 1)
+
+
+def chunked_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
+                             segment_ids=None, use_qk_l2norm=False, chunk_size=64):
+    B, T, Hv, dv = v.shape
+    out_dtype = v.dtype
+    q, k, v, g, beta, acc = prepare(q, k, v, g, beta, scale=scale, use_qk_l2norm=use_qk_l2norm)
+    dk = q.shape[-1]
+    C = min(chunk_size, max(T, 1))
+    N = -(-T // C)
+    pad = N * C - T
+    starts = document_starts(segment_ids, B, T)
+    # the running document number makes "same document" a comparison; padding continues the last document
+    doc = jnp.cumsum(starts.astype(jnp.int32), axis=1)
+    if pad:  # zero q, k, v and g = beta = 0 make padding exact
+        padt = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+        q, k, v, g, beta = map(padt, (q, k, v, g, beta))
+        doc = jnp.pad(doc, [(0, 0), (0, pad)], mode="edge")
+    qc, kc, vc = _chunks(q, N, C), _chunks(k, N, C), _chunks(v, N, C)          # [B, H, N, C, d]
+    gc, bc = _chunks(g, N, C), _chunks(beta, N, C)                              # [B, H, N, C]
+    docc = doc.reshape(B, N, C)[:, None]                                        # [B, 1, N, C]
+    gamma = jnp.cumsum(gc, axis=-1)                                             # in-chunk cumulative log decay
+    doc_prev = jnp.concatenate([doc[:, :1], doc.reshape(B, N, C)[:, :-1, -1]], axis=1)[:, None]
+    carry = docc == doc_prev[..., None]                                         # token still in the incoming doc
+    same = docc[..., :, None] == docc[..., None, :]                             # [B, 1, N, C, C]
+    lower_incl = jnp.tril(jnp.ones((C, C), bool))
+    mask = same & lower_incl
+    diff = gamma[..., :, None] - gamma[..., None, :]
+    decay = jnp.where(mask, jnp.exp(jnp.where(mask, diff, 0.0)), 0.0)          # mask before exp: no overflow
+    strict = mask & ~jnp.eye(C, dtype=bool)
+    kk = jnp.einsum("bhncd,bhnsd->bhncs", kc, kc, precision=HI)
+    A = jnp.where(strict, kk * decay, 0.0) * bc[..., :, None]
+    eye = jnp.eye(C, dtype=acc)
+    rhs = jnp.concatenate([vc * bc[..., None], kc * (bc * jnp.exp(gamma) * carry)[..., None]], axis=-1)
+    UW = jax.scipy.linalg.solve_triangular(eye + A, rhs, lower=True, unit_diagonal=True)
+    U, W = UW[..., :dv], UW[..., dv:]
+    P = jnp.einsum("bhncd,bhnsd->bhncs", qc, kc, precision=HI) * decay
+    Qd = qc * (jnp.exp(gamma) * carry)[..., None]
+    last_doc = docc[..., -1:]
+    g_last = gamma[..., -1:]
+    Kd = kc * (jnp.exp(g_last - gamma) * (docc == last_doc))[..., None]
+    S_decay = jnp.exp(g_last[..., 0]) * carry[..., -1]                          # [B, H, N]
+
+    S0 = jnp.zeros((B, Hv, dk, dv), acc) if initial_state is None else initial_state.astype(acc)
+
+    def step(S, xs):
+        U_n, W_n, P_n, Qd_n, Kd_n, dec_n = xs
+        Vnew = U_n - jnp.einsum("bhck,bhkv->bhcv", W_n, S, precision=HI)
+        O = jnp.einsum("bhck,bhkv->bhcv", Qd_n, S, precision=HI) + jnp.einsum("bhcs,bhsv->bhcv", P_n, Vnew,
+                                                                              precision=HI)
+        S = dec_n[..., None, None] * S + jnp.einsum("bhck,bhcv->bhkv", Kd_n, Vnew, precision=HI)
+        return S, O
+
+    xs = tuple(jnp.moveaxis(x, 2, 0) for x in (U, W, P, Qd, Kd, S_decay))
+    S, O = jax.lax.scan(step, S0, xs)                                           # O: [N, B, H, C, dv]
+    o = jnp.moveaxis(O, 0, 2).reshape(B, Hv, N * C, dv)[:, :, :T]
+    return jnp.moveaxis(o, 1, 2).astype(out_dtype), (S if output_final_state else None)
