@@ -83,8 +83,10 @@ def eval_batches(tcfg: TrainConfig, tokenizer):
 
     spec = tcfg.eval_data if tcfg.eval_data is not None else {**_data_spec(tcfg.data), "split": "validation"}
     _, per_process = _process_rows(tcfg.batch_size)
+    # every process runs the same number of eval steps (missing batches are all padding)
     it = make_eval_dataset(_data_spec(spec), tokenizer, seq_len=tcfg.seq_len, batch_size=per_process,
-                           process_index=jax.process_index(), process_count=jax.process_count())
+                           process_index=jax.process_index(), process_count=jax.process_count(),
+                           num_batches=tcfg.eval_batches)
     for i, batch in enumerate(it):
         if i >= tcfg.eval_batches:
             break
