@@ -1,6 +1,10 @@
-"""Kernels usable without the model, each beside its reference."""
+"""Kernels usable without the model, each beside its reference.
 
-from pallas_kernels.gated_delta_rule import chunk_gated_delta_rule, gated_delta_rule_step, recurrent_gated_delta_rule
-from pallas_kernels.gmm import gmm, tgmm
+One import line per kernel package, so each package adds its own line without touching the others.
+"""
 
-__all__ = ["chunk_gated_delta_rule", "gated_delta_rule_step", "recurrent_gated_delta_rule", "gmm", "tgmm"]
+from pallas_kernels.gated_delta_rule import chunk_gated_delta_rule as chunk_gated_delta_rule
+from pallas_kernels.gated_delta_rule import gated_delta_rule_step as gated_delta_rule_step
+from pallas_kernels.gated_delta_rule import recurrent_gated_delta_rule as recurrent_gated_delta_rule
+from pallas_kernels.gmm import gmm as gmm
+from pallas_kernels.gmm import tgmm as tgmm

@@ -49,6 +49,8 @@ def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, 
     _check(q, k, v, g, beta, initial_state, segment_ids)
     if impl not in IMPLS:
         raise ValueError(f"impl {impl!r} is not one of {IMPLS}")
+    if chunk_size < 1 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of two (the triangular inverse doubles blocks); got {chunk_size}")
     if impl == "auto":
         impl = default_impl()
     kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,

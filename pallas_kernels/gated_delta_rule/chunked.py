@@ -23,13 +23,41 @@ def _chunks(x, N, C):
     return jnp.moveaxis(x, 3, 1)
 
 
+def unit_lower_inverse(A):
+    """(I + A)^-1 for strictly lower-triangular A [..., C, C], C a power of two, by log-depth block doubling.
+
+    Each level merges pairs of diagonal blocks: [[X1, 0], [A21, X2]]^-1 = [[X1^-1, 0], [-X2^-1 A21 X1^-1, X2^-1]].
+    Only true sub-blocks of the inverse are ever formed (no matrix powers), so it is as stable as forward
+    substitution, and every step is a batched matmul.
+    """
+    C = A.shape[-1]
+    if C & (C - 1):
+        raise ValueError(f"chunk size must be a power of two; got {C}")
+    lead = A.shape[:-2]
+    X = jnp.ones(lead + (C, 1, 1), A.dtype)                                   # inverses of the 1x1 diagonal blocks
+    s = 1
+    while s < C:
+        nb = C // (2 * s)
+        blocks = A.reshape(lead + (nb, 2 * s, nb, 2 * s))
+        blocks = jnp.moveaxis(jnp.diagonal(blocks, axis1=-4, axis2=-2), -1, -3)  # [..., nb, 2s, 2s] diagonal pairs
+        A21 = blocks[..., s:, :s]
+        X = X.reshape(lead + (nb, 2, s, s))
+        X1, X2 = X[..., 0, :, :], X[..., 1, :, :]
+        X21 = -jnp.matmul(X2, jnp.matmul(A21, X1, precision=HI), precision=HI)
+        top = jnp.concatenate([X1, jnp.zeros_like(X1)], axis=-1)
+        X = jnp.concatenate([top, jnp.concatenate([X21, X2], axis=-1)], axis=-2)
+        s *= 2
+    return X.reshape(lead + (C, C))
+
+
 def chunked_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
                              segment_ids=None, use_qk_l2norm=False, chunk_size=64):
     B, T, Hv, dv = v.shape
     out_dtype = v.dtype
     q, k, v, g, beta, acc = prepare(q, k, v, g, beta, scale=scale, use_qk_l2norm=use_qk_l2norm)
     dk = q.shape[-1]
-    C = min(chunk_size, max(T, 1))
+    # a short sequence takes the smallest power-of-two chunk that holds it
+    C = min(chunk_size, 1 << max(T - 1, 0).bit_length())
     N = -(-T // C)
     pad = N * C - T
     starts = document_starts(segment_ids, B, T)
@@ -53,10 +81,9 @@ def chunked_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None
     strict = mask & ~jnp.eye(C, dtype=bool)
     kk = jnp.einsum("bhncd,bhnsd->bhncs", kc, kc, precision=HI)
     A = jnp.where(strict, kk * decay, 0.0) * bc[..., :, None]
-    eye = jnp.eye(C, dtype=acc)
-    rhs = jnp.concatenate([vc * bc[..., None], kc * (bc * jnp.exp(gamma) * carry)[..., None]], axis=-1)
-    UW = jax.scipy.linalg.solve_triangular(eye + A, rhs, lower=True, unit_diagonal=True)
-    U, W = UW[..., :dv], UW[..., dv:]
+    Tinv = unit_lower_inverse(A)
+    U = jnp.einsum("bhncs,bhnsv->bhncv", Tinv, vc * bc[..., None], precision=HI)
+    W = jnp.einsum("bhncs,bhnsk->bhnck", Tinv, kc * (bc * jnp.exp(gamma) * carry)[..., None], precision=HI)
     P = jnp.einsum("bhncd,bhnsd->bhncs", qc, kc, precision=HI) * decay
     Qd = qc * (jnp.exp(gamma) * carry)[..., None]
     last_doc = docc[..., -1:]

@@ -1,0 +1,132 @@
+"""Shared helpers for the benchmark scripts: timing (medians after warm-up, interleaved peers), a CPU matmul peak,
+markdown tables and JSON results.
+
+Machines here are shared and noisy, so comparisons run side by side in one process and alternate between the
+contenders step by step (`interleaved`): a burst of load from elsewhere then slows both sides, not one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+# Runnable as `python benchmarks/x.py` from the repository root: make `qwen35_jax` and `benchmarks` importable.
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def block(x):
+    """Waits for every jax array in `x` (a pytree); other leaves pass through. Returns x."""
+    import jax
+
+    for leaf in jax.tree.leaves(x):
+        if hasattr(leaf, "block_until_ready"):
+            leaf.block_until_ready()
+    return x
+
+
+def time_call(fn: Callable[[], object]) -> float:
+    """Seconds for one call of `fn`, waiting for jax results to be ready."""
+    t0 = time.perf_counter()
+    block(fn())
+    return time.perf_counter() - t0
+
+
+def median_time(fn: Callable[[], object], *, warmup: int = 1, steps: int = 5) -> dict:
+    """{"median_s", "times_s"}: `warmup` untimed calls, then `steps` timed ones."""
+    for _ in range(warmup):
+        block(fn())
+    times = [time_call(fn) for _ in range(steps)]
+    return {"median_s": statistics.median(times), "times_s": times}
+
+
+def interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 1, steps: int = 5) -> dict[str, dict]:
+    """Times several contenders in alternation (a, b, a, b, ...) after `warmup` rounds of each.
+
+    Returns {name: {"median_s", "times_s"}}; `times_s[i]` of each name come from the same round, so per-round ratios
+    (`paired_ratios`) cancel slow drifts in machine load.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            block(fn())
+    times = {name: [] for name in fns}
+    for _ in range(steps):
+        for name, fn in fns.items():
+            times[name].append(time_call(fn))
+    return {name: {"median_s": statistics.median(t), "times_s": t} for name, t in times.items()}
+
+
+def paired_ratio(num: dict, den: dict) -> float:
+    """Median over rounds of den_time / num_time, i.e. how many times faster `num` is than `den`."""
+    return statistics.median(d / n for n, d in zip(num["times_s"], den["times_s"]))
+
+
+def matmul_peak_gflops(n: int = 2048, *, steps: int = 7) -> dict:
+    """Measured fp32 matmul throughput of this CPU under XLA: an [n, n] @ [n, n] jnp.dot, median of `steps`.
+
+    The best single time is reported as well ("best_gflops"): on a shared machine it is the closer estimate of the
+    unloaded peak. Returns {"n", "median_s", "gflops", "best_gflops"}.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(2), (n, n), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    r = median_time(lambda: dot(a, b), warmup=2, steps=steps)
+    flops = 2.0 * n ** 3
+    return {"n": n, "median_s": r["median_s"], "gflops": flops / r["median_s"] / 1e9,
+            "best_gflops": flops / min(r["times_s"]) / 1e9}
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    """A GitHub markdown table; floats are printed with 4 significant digits."""
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    cells = [[fmt(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
+    sep = "| " + " | ".join("-" * w for w in widths) + " |"
+    return "\n".join([line(headers), sep] + [line(r) for r in cells])
+
+
+def environment() -> dict:
+    """Versions and machine facts that a reader of the JSON needs to interpret the numbers."""
+    import jax
+
+    env = {"python": platform.python_version(), "jax": jax.__version__, "backend": jax.default_backend(),
+           "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
+           "machine": platform.machine(), "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+           "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    try:
+        import torch
+
+        env["torch"] = torch.__version__
+        env["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    try:
+        import transformers
+
+        env["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def write_json(path, obj) -> None:
+    """Writes `obj` (plus nothing else) as indented JSON, creating parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, default=float) + "\n")
+    print(f"wrote {path}")
