@@ -25,3 +25,5 @@ def register_mixer(name: str, cls, letter: str | None = None) -> None:
 
 __all__ = ["MIXERS", "register_mixer", "GatedAttention", "GatedDeltaNet", "SwiGLU", "MoE", "RMSNorm",
            "GatedRMSNorm"]
+
+from qwen35_jax.layers import variants  # noqa: E402,F401  registers the ablation mixers

@@ -111,3 +111,9 @@ class GatedAttention(nn.Module):
         """Forward FLOPs per token of the score and value products (causal: mean context (T+1)/2)."""
         ctx = (seq_len + 1) / 2 if not cfg.sliding_window else min(cfg.sliding_window, (seq_len + 1) / 2)
         return 4.0 * cfg.num_heads * cfg.head_dim * ctx
+
+    @staticmethod
+    def state_size(cfg, seq_len: int) -> int:
+        """Floats of KV cache per sequence: keys and values for every cached position (the window, if any)."""
+        cached = min(cfg.sliding_window, seq_len) if cfg.sliding_window else seq_len
+        return 2 * cfg.num_kv_heads * cfg.head_dim * cached

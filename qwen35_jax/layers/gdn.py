@@ -106,3 +106,10 @@ class GatedDeltaNet(nn.Module):
         """Forward FLOPs per token of the chunked delta rule (see config.train_flops_per_token)."""
         C, dk, dv = min(cfg.gdn_chunk_size, seq_len), cfg.gdn_key_dim, cfg.gdn_value_dim
         return cfg.gdn_num_value_heads * (2.0 * C * (3 * dk + 2 * dv) + 6.0 * dk * dv)
+
+    @staticmethod
+    def state_size(cfg, seq_len: int) -> int:
+        """Floats of decode state per sequence, constant in seq_len: the delta-rule state plus the conv window."""
+        del seq_len
+        return (cfg.gdn_num_value_heads * cfg.gdn_key_dim * cfg.gdn_value_dim
+                + (cfg.gdn_conv_kernel - 1) * cfg.gdn_conv_dim)

@@ -1,0 +1,1 @@
+"""Ablation lab: tasks (MQAR recall, attention-sink share) and, later, sweep definitions and recorded results."""

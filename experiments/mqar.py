@@ -1,0 +1,71 @@
+"""Multi-query associative recall (MQAR), following zoology's `multiquery_ar` (Arora et al., 2023, "Zoology").
+
+A row of length T starts with `num_kv_pairs` key-value pairs `k1 v1 k2 v2 ...` (keys from [1, V/2), values from
+[V/2, V), no repeats within a row); the rest holds each key once more as a query, placed at an even offset drawn
+without replacement from a power law (offset index i in [0, space) with weight a * (i+1)^(a-1), space =
+(T - 2 * num_kv_pairs) / 2, a = 0.01 by default: short gaps are far more likely). After a query key the model must
+emit its value: `targets[t]` is the value for the query key at position t (next-token convention) and is scored
+there only; every other target is -100 and masked. Unused positions are random tokens from the whole vocabulary
+(zoology's `random_non_queries`); as in zoology the answer itself is never written into the input.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+IGNORE = -100
+
+
+def _sample_without_replacement(rng, n_rows: int, n_choices: int, size: int, log_p=None):
+    """[n_rows, size] distinct indices in [0, n_choices) per row; weighted by exp(log_p) when given (Gumbel top-k,
+    the same law as sequential sampling without replacement, as numpy's `choice(replace=False, p=...)`)."""
+    scores = rng.gumbel(size=(n_rows, n_choices))
+    if log_p is not None:
+        scores = scores + log_p
+    return np.argsort(-scores, axis=1, kind="stable")[:, :size]
+
+
+def mqar(num_examples: int, seq_len: int, *, vocab_size: int, num_kv_pairs: int, seed: int = 0,
+         power_a: float = 0.01, random_non_queries: bool = True) -> dict[str, np.ndarray]:
+    """An MQAR data set, deterministic in `seed`.
+
+    Returns dict(tokens [N, T] int32, targets [N, T] int32 (-100 where not scored), loss_mask [N, T] float32
+    (1 at the scored positions: exactly `num_kv_pairs` per row)).
+    """
+    if seq_len % 2:
+        raise ValueError(f"MQAR seq_len must be even, got {seq_len}")
+    if num_kv_pairs < 1 or 4 * num_kv_pairs > seq_len:
+        raise ValueError(f"MQAR needs 1 <= num_kv_pairs <= seq_len / 4; got num_kv_pairs={num_kv_pairs}, "
+                         f"seq_len={seq_len}")
+    key_vocab = vocab_size // 2
+    if key_vocab - 1 < num_kv_pairs or vocab_size - key_vocab < num_kv_pairs:
+        raise ValueError(f"MQAR vocab_size={vocab_size} is too small for {num_kv_pairs} distinct keys and values")
+    rng = np.random.default_rng(seed)
+    N, P = num_examples, num_kv_pairs
+    keys = 1 + _sample_without_replacement(rng, N, key_vocab - 1, P)            # token 0 is left for "empty"
+    values = key_vocab + _sample_without_replacement(rng, N, vocab_size - key_vocab, P)
+    context = 2 * P
+    space = (seq_len - context) // 2
+    log_p = np.log(power_a) + (power_a - 1) * np.log(np.arange(1, space + 1))
+    gaps = _sample_without_replacement(rng, N, space, P, log_p)                  # [N, P] query slots
+    tokens = np.zeros((N, seq_len), np.int64)
+    tokens[:, 0:context:2], tokens[:, 1:context:2] = keys, values
+    rows = np.arange(N)[:, None]
+    query_pos = context + 2 * gaps
+    tokens[rows, query_pos] = keys
+    targets = np.full((N, seq_len), IGNORE, np.int64)
+    targets[rows, query_pos] = values
+    if random_non_queries:
+        noise = rng.integers(0, vocab_size, size=tokens.shape)
+        tokens = np.where(tokens == 0, noise, tokens)
+    return {"tokens": tokens.astype(np.int32), "targets": targets.astype(np.int32),
+            "loss_mask": (targets != IGNORE).astype(np.float32)}
+
+
+def mqar_accuracy(logits, batch) -> float:
+    """Share of scored positions (`loss_mask`) where argmax(logits [N, T, V]) equals the target value."""
+    pred = np.asarray(logits).argmax(-1)
+    mask = np.asarray(batch["loss_mask"]) > 0
+    if pred.shape != mask.shape:
+        raise ValueError(f"logits {tuple(np.shape(logits))} do not match MQAR batch targets {mask.shape}")
+    return float((pred == np.asarray(batch["targets"]))[mask].mean()) if mask.any() else float("nan")

@@ -1,0 +1,64 @@
+"""MQAR generator: zoology's layout (key/value vocabulary halves, queries after the context, only answers scored),
+determinism, and the accuracy metric."""
+
+import numpy as np
+import pytest
+
+from experiments.mqar import IGNORE, mqar, mqar_accuracy
+
+V, T, P = 128, 64, 8
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return mqar(200, T, vocab_size=V, num_kv_pairs=P, seed=3)
+
+
+def test_shapes_dtypes_and_determinism(batch):
+    assert batch["tokens"].shape == batch["targets"].shape == batch["loss_mask"].shape == (200, T)
+    assert (batch["tokens"].dtype, batch["targets"].dtype, batch["loss_mask"].dtype) == (np.int32, np.int32,
+                                                                                         np.float32)
+    again = mqar(200, T, vocab_size=V, num_kv_pairs=P, seed=3)
+    for k in batch:
+        np.testing.assert_array_equal(batch[k], again[k])
+    assert not np.array_equal(mqar(200, T, vocab_size=V, num_kv_pairs=P, seed=4)["tokens"], batch["tokens"])
+    assert batch["tokens"].min() >= 0 and batch["tokens"].max() < V
+
+
+def test_keys_values_and_scored_positions(batch):
+    tokens, targets, mask = batch["tokens"], batch["targets"], batch["loss_mask"]
+    keys, values = tokens[:, 0:2 * P:2], tokens[:, 1:2 * P:2]
+    assert ((keys >= 1) & (keys < V // 2)).all() and ((values >= V // 2) & (values < V)).all()
+    assert all(len(set(r)) == P for r in keys) and all(len(set(r)) == P for r in values)
+    np.testing.assert_array_equal(mask, (targets != IGNORE).astype(np.float32))
+    assert (mask.sum(1) == P).all() and not mask[:, :2 * P].any()
+    for n in range(len(tokens)):
+        pos = np.flatnonzero(mask[n])
+        assert ((pos - 2 * P) % 2 == 0).all()  # queries sit at even offsets after the context
+        answer = dict(zip(keys[n], values[n]))
+        assert sorted(tokens[n, pos]) == sorted(keys[n])  # each key queried once
+        assert all(targets[n, t] == answer[tokens[n, t]] for t in pos)
+
+
+def test_gaps_follow_a_power_law(batch):
+    offsets = (np.flatnonzero(batch["loss_mask"].ravel()) % T - 2 * P) // 2
+    space = (T - 2 * P) // 2
+    counts = np.bincount(offsets, minlength=space)
+    assert counts[: space // 4].sum() > counts[-space // 4:].sum()  # short gaps dominate
+
+
+def test_accuracy_and_bad_input(batch):
+    logits = np.zeros((200, T, V), np.float32)
+    assert mqar_accuracy(logits, batch) == 0.0
+    rows, cols = np.nonzero(batch["loss_mask"])
+    logits[rows, cols, batch["targets"][rows, cols]] = 1.0
+    assert mqar_accuracy(logits, batch) == 1.0
+    logits[rows[0], cols[0]] = 0.0
+    logits[rows[0], cols[0], 0] = 1.0
+    assert mqar_accuracy(logits, batch) == pytest.approx(1 - 1 / len(rows))
+    with pytest.raises(ValueError, match="num_kv_pairs"):
+        mqar(2, 16, vocab_size=V, num_kv_pairs=5)
+    with pytest.raises(ValueError, match="even"):
+        mqar(2, 33, vocab_size=V, num_kv_pairs=2)
+    with pytest.raises(ValueError, match="vocab_size"):
+        mqar(2, 64, vocab_size=10, num_kv_pairs=8)
