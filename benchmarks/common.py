@@ -32,26 +32,36 @@ def block(x):
     return x
 
 
-def time_call(fn: Callable[[], object]) -> float:
-    """Seconds for one call of `fn`, waiting for jax results to be ready."""
-    t0 = time.perf_counter()
+def time_call(fn: Callable[[], object]) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) for one call of `fn`, waiting for jax results to be ready.
+
+    CPU seconds count every thread of this process: on a machine shared with other jobs they measure the work done,
+    while wall time also counts the time other processes held the cores.
+    """
+    c0, t0 = time.process_time(), time.perf_counter()
     block(fn())
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def _summary(pairs) -> dict:
+    wall = [w for w, _ in pairs]
+    cpu = [c for _, c in pairs]
+    return {"median_s": statistics.median(wall), "times_s": wall, "median_cpu_s": statistics.median(cpu),
+            "cpu_s": cpu}
 
 
 def median_time(fn: Callable[[], object], *, warmup: int = 1, steps: int = 5) -> dict:
-    """{"median_s", "times_s"}: `warmup` untimed calls, then `steps` timed ones."""
+    """{"median_s", "times_s", "median_cpu_s", "cpu_s"}: `warmup` untimed calls, then `steps` timed ones."""
     for _ in range(warmup):
         block(fn())
-    times = [time_call(fn) for _ in range(steps)]
-    return {"median_s": statistics.median(times), "times_s": times}
+    return _summary([time_call(fn) for _ in range(steps)])
 
 
 def interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 1, steps: int = 5) -> dict[str, dict]:
     """Times several contenders in alternation (a, b, a, b, ...) after `warmup` rounds of each.
 
-    Returns {name: {"median_s", "times_s"}}; `times_s[i]` of each name come from the same round, so per-round ratios
-    (`paired_ratios`) cancel slow drifts in machine load.
+    Returns {name: {"median_s", "times_s", "median_cpu_s", "cpu_s"}}; entry i of each name comes from the same
+    round, so per-round ratios (`paired_ratio`) cancel slow drifts in machine load.
     """
     for _ in range(warmup):
         for fn in fns.values():
@@ -60,12 +70,13 @@ def interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 1, steps:
     for _ in range(steps):
         for name, fn in fns.items():
             times[name].append(time_call(fn))
-    return {name: {"median_s": statistics.median(t), "times_s": t} for name, t in times.items()}
+    return {name: _summary(t) for name, t in times.items()}
 
 
-def paired_ratio(num: dict, den: dict) -> float:
-    """Median over rounds of den_time / num_time, i.e. how many times faster `num` is than `den`."""
-    return statistics.median(d / n for n, d in zip(num["times_s"], den["times_s"]))
+def paired_ratio(num: dict, den: dict, key: str = "times_s") -> float:
+    """Median over rounds of den_time / num_time, i.e. how many times faster `num` is than `den`
+    (`key="cpu_s"`: the same with CPU seconds)."""
+    return statistics.median(d / n for n, d in zip(num[key], den[key]))
 
 
 def matmul_peak_gflops(n: int = 2048, *, steps: int = 7) -> dict:

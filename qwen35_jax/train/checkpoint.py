@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import jax
@@ -41,19 +42,34 @@ class Checkpointer:
     def restore_latest(self, abstract_state, warn=print):
         """(step, state, data_state, meta) from the newest restorable checkpoint, or None if there are none."""
         steps = self.steps()
-        errors = []
+        bad = []
         for step in reversed(steps):
             try:
-                return (step,) + self.restore(step, abstract_state)
+                restored = (step,) + self.restore(step, abstract_state)
             except Exception as e:  # orbax/tensorstore raise many types for truncated or corrupt files
-                msg = f"checkpoint {self.directory / str(step)} is corrupt or partial ({type(e).__name__}: " \
-                      f"{str(e).splitlines()[0][:200]}); trying the previous one"
-                warn(msg)
-                errors.append(msg)
+                first_line = (str(e).splitlines() or [""])[0][:200]
+                warn(f"checkpoint {self.directory / str(step)} is corrupt or partial ({type(e).__name__}: "
+                     f"{first_line}); trying the previous one")
+                bad.append(step)
+                continue
+            if bad:
+                self._set_aside(bad, warn)
+            return restored
         if steps:
             raise UserError(f"{self.directory}: none of the checkpoints {steps} can be restored; refusing to start "
                             f"from scratch over them (move the directory away to start a new run)")
         return None
+
+    def _set_aside(self, steps: list[int], warn) -> None:
+        """Move unreadable checkpoints out of the step directory (kept for inspection, never deleted), so that the
+        resumed run can save those steps again."""
+        aside = self.directory.parent / f"{self.directory.name}.corrupt"
+        aside.mkdir(exist_ok=True)
+        for step in steps:
+            target = aside / f"{step}.{int(time.time())}"
+            shutil.move(str(self.directory / str(step)), target)
+            warn(f"moved the unreadable checkpoint {self.directory / str(step)} to {target}")
+        self.manager.reload()
 
     def restore(self, step: int, abstract_state):
         restored = self.manager.restore(step, args=ocp.args.Composite(

@@ -21,7 +21,7 @@ PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}
 class OptimConfig:
     lr: float = 3e-3
     schedule: str = "cosine"  # "cosine", "wsd" (warmup-stable-decay), "constant"
-    warmup_steps: int = 50
+    warmup_steps: int = 25
     min_lr_ratio: float = 0.1
     decay_fraction: float = 0.2  # wsd: share of steps spent decaying
     weight_decay: float = 0.1
@@ -37,25 +37,25 @@ class OptimConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     model: Any = "tiny"  # preset name, YAML path, or a mapping of model keys
-    steps: int = 600
+    steps: int = 250
     batch_size: int = 16  # global batch (rows of seq_len tokens)
     seq_len: int = 256
     run_dir: str = "runs/default"
     seed: int = 0
-    checkpoint_every: int = 200
+    checkpoint_every: int = 125
     keep_checkpoints: int = 3
     log_every: int = 10
-    eval_every: int = 200
+    eval_every: int = 125
     eval_batches: int = 8
     data: Any = dataclasses.field(default_factory=lambda: {"kind": "stdlib"})
     eval_data: Any = None  # default: the validation split of `data`
     tokenizer: Any = dataclasses.field(default_factory=lambda: {"kind": "stdlib", "vocab_size": 4096})
     mesh: Any = dataclasses.field(default_factory=dict)  # axis sizes, e.g. {data: -1, fsdp: 2}
-    precision: str = "bf16"
+    precision: str = "auto"  # "bf16" compute (fp32 master params), "fp32"; "auto": bf16 on TPU/GPU, fp32 on CPU
     optimizer: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     z_loss: float = 0.0
     router_aux_loss: bool = True
-    mtp_lambda: float = 0.0
+    mtp_lambda: float = 0.1  # weight of the MTP loss (needs a model with mtp_num_layers: 1); 0 turns MTP off
     nonfinite: str = "stop"  # "stop" (save and stop) or "skip" (skip the update and go on)
     num_workers: int = 0
     init_from: str | None = None  # orbax checkpoint dir or Hugging Face folder to start from
@@ -65,10 +65,19 @@ class TrainConfig:
     peak_tflops: float | None = None  # per device; default: TPU table or a measured CPU matmul rate
 
     def model_config(self) -> ModelConfig:
-        dtype = PRECISIONS[self.precision]
+        dtype = PRECISIONS[resolve_precision(self.precision)]
         base = self.model if isinstance(self.model, (str, dict)) else str(self.model)
         cfg = load_config(base)
         return cfg.replace(param_dtype="float32", dtype=dtype)
+
+
+def resolve_precision(precision: str) -> str:
+    """"auto" is bf16 where the hardware has bf16 matmuls and fp32 on CPU (where XLA emulates bf16, ~1.4x slower)."""
+    if precision != "auto":
+        return precision
+    import jax
+
+    return "fp32" if jax.default_backend() == "cpu" else "bf16"
 
 
 def _nearest(key, options):
@@ -143,7 +152,7 @@ def load_train_config(config: str | None = None, overrides=()) -> TrainConfig:
             raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of training keys")
-    for k, v in parse_overrides(list(overrides)).items():
+    for k, v in parse_overrides(overrides if isinstance(overrides, dict) else list(overrides)).items():
         if k.startswith("model.") and isinstance(data.get("model", "tiny"), str):
             data["model"] = {"base": data.get("model", "tiny")}
         _set_dotted(data, k, v)
@@ -163,8 +172,8 @@ def validate(cfg: TrainConfig) -> None:
         if not cond:
             raise ConfigError(f"train config: {msg}")
 
-    need(cfg.precision in PRECISIONS or cfg.precision == "fp8",
-         f"precision {cfg.precision!r} is not one of fp32, bf16")
+    need(cfg.precision in PRECISIONS or cfg.precision in ("auto", "fp8"),
+         f"precision {cfg.precision!r} is not one of auto, fp32, bf16")
     need(cfg.precision != "fp8", "precision fp8 is not implemented yet; use fp32 or bf16")
     for k in ("steps", "batch_size", "seq_len", "checkpoint_every", "log_every", "eval_every", "keep_checkpoints"):
         need(getattr(cfg, k) > 0, f"{k} must be positive, got {getattr(cfg, k)}")

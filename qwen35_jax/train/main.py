@@ -106,9 +106,10 @@ def train(tcfg: TrainConfig) -> dict:
 
     ckpt = Checkpointer(run_dir / "checkpoints", keep=tcfg.keep_checkpoints)
     telemetry_warn = print if is_main else (lambda *_: None)
+    if ckpt.steps():
+        _check_same_run(run_dir, record)
     restored = ckpt.restore_latest(abstract_like(state_shapes, s_shard), warn=telemetry_warn)
     if restored is not None:
-        _check_same_run(run_dir, record)
         start_step, state, data_state, _ = restored
         telemetry_warn(f"resuming {run_dir} from step {start_step}")
     else:
@@ -155,6 +156,7 @@ def train(tcfg: TrainConfig) -> dict:
                 msg = f"non-finite loss or gradients at step {step} (loss={float(out['loss'])}, " \
                       f"grad_norm={float(out['grad_norm'])}); the update was not applied"
                 tel.write(msg)
+                tel.log(step, {"nonfinite": 1, "loss": float(out["loss"]), "grad_norm": float(out["grad_norm"])})
                 if tcfg.nonfinite == "stop":
                     status = "nonfinite"
                     summary["error"] = msg
@@ -180,7 +182,7 @@ def train(tcfg: TrainConfig) -> dict:
                 status = f"stopped by {stop.signal}"
                 tel.write(f"{stop.signal}: saved step {step}, exiting")
                 break
-        if status == "nonfinite":
+        if status == "nonfinite" and step - 1 not in ckpt.steps():
             ckpt.save(step - 1, state, train_iter.get_state_json(), {"step": step - 1, "status": status})
     finally:
         stop.restore()

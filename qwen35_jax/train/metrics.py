@@ -39,6 +39,14 @@ def peak_tflops_per_device(override: float | None = None) -> float:
     return measured_matmul_tflops()
 
 
+def _json_value(v):
+    """Strings pass; numbers become floats, and non-finite ones null (metrics.jsonl stays strict JSON)."""
+    if isinstance(v, str):
+        return v
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
 class Telemetry:
     """Writes one JSON object per logged step; mirrors scalars to TensorBoard; drives the progress bar."""
 
@@ -59,7 +67,7 @@ class Telemetry:
     def log(self, step: int, scalars: dict, postfix: dict | None = None) -> None:
         if not self.enabled:
             return
-        record = {"step": step, **{k: (float(v) if not isinstance(v, str) else v) for k, v in scalars.items()}}
+        record = {"step": step, **{k: _json_value(v) for k, v in scalars.items()}}
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
         if self.tb is not None:

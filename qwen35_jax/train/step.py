@@ -20,12 +20,21 @@ def init_state(params, tx) -> dict:
 
 def loss_and_metrics(model_cfg: ModelConfig, tcfg: TrainConfig, params, batch, num_tokens):
     """Loss normalised by `num_tokens` (the whole step's target count, so micro-batches add up exactly)."""
+    use_mtp = tcfg.mtp_lambda > 0 and model_cfg.mtp_num_layers > 0
     logits, aux = forward(model_cfg, params, batch["tokens"], segment_ids=batch["segment_ids"],
-                          positions=batch["positions"], return_aux=True)
+                          positions=batch["positions"], return_aux=True,
+                          mtp_tokens=batch["targets"] if use_mtp else None)
     ce_sum, z_sum = cross_entropy_sum(logits, batch["targets"], batch["loss_mask"])
     ce = ce_sum / num_tokens
     total = ce
     metrics = {"ce_sum": ce_sum}
+    if use_mtp:  # position t predicts token t+2 (= targets[t+1]) inside the same document
+        mtp_targets, mtp_mask = mtp_targets_and_mask(batch)
+        mtp_sum, _ = cross_entropy_sum(aux["mtp_logits"], mtp_targets, mtp_mask)
+        mtp_count = jnp.maximum(jnp.sum(mtp_mask), 1.0)
+        total = total + tcfg.mtp_lambda * mtp_sum / mtp_count * (batch["tokens"].shape[0] / tcfg.batch_size)
+        correct = jnp.argmax(aux["mtp_logits"], -1) == mtp_targets
+        metrics.update(mtp_loss_sum=mtp_sum, mtp_correct=jnp.sum(correct * mtp_mask), mtp_count=mtp_count)
     if tcfg.z_loss:
         total = total + tcfg.z_loss * z_sum / num_tokens
         metrics["z_loss_sum"] = z_sum
@@ -37,6 +46,14 @@ def loss_and_metrics(model_cfg: ModelConfig, tcfg: TrainConfig, params, batch, n
         metrics["router_aux"] = lb
         metrics["expert_counts"] = stats["counts"]
     return total, metrics
+
+
+def mtp_targets_and_mask(batch):
+    targets = jnp.concatenate([batch["targets"][:, 1:], batch["targets"][:, -1:]], axis=1)
+    seg = batch["segment_ids"]
+    same_doc = jnp.concatenate([seg[:, 1:] == seg[:, :-1], jnp.zeros_like(seg[:, :1], bool)], axis=1)
+    next_mask = jnp.concatenate([batch["loss_mask"][:, 1:], jnp.zeros_like(batch["loss_mask"][:, :1])], axis=1)
+    return targets, batch["loss_mask"] * next_mask * same_doc
 
 
 def make_train_step(model_cfg: ModelConfig, tcfg: TrainConfig, tx, lr_schedule):
@@ -64,7 +81,7 @@ def make_train_step(model_cfg: ModelConfig, tcfg: TrainConfig, tx, lr_schedule):
             (loss, grads, metrics), _ = jax.lax.scan(body, (loss, grads, metrics), micro)
             if "router_aux" in metrics:
                 metrics["router_aux"] = metrics["router_aux"] / accum
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads) if hasattr(optax, "tree") else optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt_state = tx.update(grads, state["opt_state"], state["params"])
         new_params = optax.apply_updates(state["params"], updates)
@@ -78,6 +95,10 @@ def make_train_step(model_cfg: ModelConfig, tcfg: TrainConfig, tx, lr_schedule):
             out["router_aux"] = metrics.pop("router_aux")
         if "z_loss_sum" in metrics:
             out["z_loss"] = metrics.pop("z_loss_sum") / num_tokens
+        if "mtp_loss_sum" in metrics:
+            count = jnp.maximum(metrics.pop("mtp_count"), 1.0)
+            out["mtp_loss"] = metrics.pop("mtp_loss_sum") / count
+            out["mtp_accuracy"] = metrics.pop("mtp_correct") / count
         return new_state, out
 
     return train_step
