@@ -1,0 +1,130 @@
+"""MQAR training: a small self-contained AdamW loop on `qwen35_jax.forward`, scored by test accuracy.
+
+The loss is the cross entropy at the scored value positions only (zoology's convention). The learning rate is an
+argument of the jitted step rather than a constant in it, so every learning rate of a variant and sequence length
+reuses one compiled program.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from experiments.mqar import mqar, mqar_accuracy
+from qwen35_jax.config import ModelConfig
+from qwen35_jax.model import forward, init_params
+from qwen35_jax.train.config import OptimConfig
+from qwen35_jax.train.optimizer import decay_mask, schedule
+
+TEST_SEED_OFFSET = 1_000_003  # test rows come from another stream than training rows
+
+
+def masked_cross_entropy(logits_BTV, targets_BT, mask_BT):
+    """Mean cross entropy over the positions where `mask_BT` is 1 (targets elsewhere may be -100)."""
+    safe = jnp.where(mask_BT > 0, targets_BT, 0)
+    ce_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), safe)
+    return jnp.sum(ce_BT * mask_BT) / jnp.maximum(jnp.sum(mask_BT), 1.0)
+
+
+@functools.lru_cache(maxsize=8)
+def programs(cfg: ModelConfig, steps: int, warmup_steps: int, weight_decay: float, clip_norm: float):
+    """(init, step, logits) jitted functions; `step(state, batch, lr)` applies AdamW with the peak lr as an input.
+
+    AdamW is written out as clip -> Adam scaling -> decoupled weight decay -> schedule shape, then scaled by -lr:
+    the same update as `optax.adamw(lr * shape)`.
+    """
+    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    ocfg = OptimConfig(lr=1.0, warmup_steps=warmup_steps, weight_decay=weight_decay, clip_norm=clip_norm)
+    tx = optax.chain(
+        optax.clip_by_global_norm(clip_norm) if clip_norm > 0 else optax.identity(),
+        optax.scale_by_adam(b1=ocfg.b1, b2=ocfg.b2, eps=ocfg.eps),
+        optax.add_decayed_weights(weight_decay, mask=decay_mask(shapes, ocfg)),
+        optax.scale_by_schedule(schedule(ocfg, steps)),
+    )
+
+    def init(key):
+        params = init_params(cfg, key)
+        return {"params": params, "opt_state": tx.init(params)}
+
+    def loss_fn(params, batch):
+        logits = forward(cfg, params, batch["tokens"])
+        return masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
+
+    def step(state, batch, lr):
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = jax.tree.map(lambda p, u: p - lr * u.astype(p.dtype), state["params"], updates)
+        return {"params": params, "opt_state": opt_state}, loss
+
+    return jax.jit(init), jax.jit(step, donate_argnums=0), jax.jit(lambda p, t: forward(cfg, p, t))
+
+
+def evaluate(logits_fn, params, data: dict, batch_size: int) -> float:
+    """Test accuracy over all rows, in chunks of `batch_size` (the last chunk padded with unscored rows)."""
+    n = len(data["tokens"])
+    correct, scored = 0.0, 0.0
+    for start in range(0, n, batch_size):
+        chunk = {k: v[start:start + batch_size] for k, v in data.items()}
+        rows = len(chunk["tokens"])
+        if rows < batch_size:  # keep one compiled shape: repeat the last row, unscored
+            pad = {k: np.repeat(v[-1:], batch_size - rows, 0) for k, v in chunk.items()}
+            pad["loss_mask"] = np.zeros_like(pad["loss_mask"])
+            chunk = {k: np.concatenate([v, pad[k]]) for k, v in chunk.items()}
+        logits = np.asarray(logits_fn(params, chunk["tokens"]))
+        mask_sum = float(chunk["loss_mask"].sum())
+        if mask_sum:
+            correct += mqar_accuracy(logits, chunk) * mask_sum
+            scored += mask_sum
+    return correct / scored if scored else float("nan")
+
+
+def train_mqar(cfg: ModelConfig, *, seq_len: int, lr: float, settings: dict, seed: int = 0, desc: str = "mqar"):
+    """Train `cfg` on MQAR at `seq_len` and return {"metrics": {...}, "train_loss": [(step, loss), ...]}.
+
+    `settings` is the sweep's mqar section with `num_kv_pairs` and `batch_size` resolved to ints for this seq_len.
+    """
+    s = settings
+    gen = functools.partial(mqar, vocab_size=s["vocab_size"], num_kv_pairs=s["num_kv_pairs"], power_a=s["power_a"])
+    train = gen(s["train_examples"], seq_len, seed=seed)
+    test = gen(s["test_examples"], seq_len, seed=seed + TEST_SEED_OFFSET)
+    init, step_fn, logits_fn = programs(cfg, s["steps"], s["warmup_steps"], s["weight_decay"], s["clip_norm"])
+    state = init(jax.random.key(seed))  # the same initial weights for every learning rate
+    rng = np.random.default_rng(seed)
+    B, n = s["batch_size"], len(train["tokens"])
+    order, pos = rng.permutation(n), 0
+    curve, losses = [], []
+    t0 = time.perf_counter()  # reset after the first step
+    bar = tqdm(range(1, s["steps"] + 1), desc=desc, leave=False, dynamic_ncols=True, unit="step")
+    lr_arr = jnp.asarray(lr, jnp.float32)
+    for i in bar:
+        if pos + B > n:  # a new epoch: reshuffle
+            order, pos = rng.permutation(n), 0
+        idx = order[pos:pos + B]
+        pos += B
+        state, loss = step_fn(state, {k: v[idx] for k, v in train.items()}, lr_arr)
+        losses.append(loss)
+        if i == 1:  # throughput counts steps after the compiling one
+            jax.block_until_ready(loss)
+            t0 = time.perf_counter()
+        if i % 10 == 0 or i == s["steps"]:
+            recent = float(np.mean(jax.device_get(losses)))
+            curve.append((i, recent))
+            losses = []
+            bar.set_postfix(loss=f"{recent:.3f}", refresh=False)
+    bar.close()
+    train_s = time.perf_counter() - t0
+    accuracy = evaluate(logits_fn, state["params"], test, s["eval_batch_size"])
+    final_loss = curve[-1][1] if curve else float("nan")
+    timed_steps = max(s["steps"] - 1, 1)
+    metrics = {"accuracy": accuracy, "train_loss": final_loss,
+               "tokens_per_s": timed_steps * B * seq_len / max(train_s, 1e-9)}
+    return {"metrics": metrics, "train_loss": curve}
+
+
+__all__ = ["train_mqar", "masked_cross_entropy", "programs", "evaluate"]

@@ -1,0 +1,204 @@
+"""Sweep outputs from the per-run result files: results.csv, results.md (best over learning rates) and plots.
+
+results.csv has one row per run and metric: `experiment, task, variant, params, state_size, lr, metric, value`.
+MQAR metrics carry their sequence length (`accuracy@T=128`), so rows of one variant at different lengths stay apart;
+profile rows (`train_tokens_per_s@T=...`, `compiled_memory_bytes@T=...`) have an empty lr.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from pathlib import Path
+
+from experiments.lm_run import read_curve
+
+CSV_COLUMNS = ("experiment", "task", "variant", "params", "state_size", "lr", "metric", "value")
+MAIN_METRIC = {"mqar": ("accuracy", True), "lm": ("val_loss", False)}  # name, higher is better
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _fmt(x, digits=4) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:,.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def _lr(lr) -> str:
+    return f"{lr:.0e}" if lr not in (None, "") else ""
+
+
+def csv_rows(experiment: str, task: str, results: list[dict], profiles: list[dict]) -> list[dict]:
+    rows = []
+    for r in results:
+        for name, value in r["metrics"].items():
+            metric = f"{name}@T={r['seq_len']}" if task == "mqar" else name
+            rows.append({"experiment": experiment, "task": task, "variant": r["label"], "params": r["params"],
+                         "state_size": r["state_size"], "lr": r["lr"], "metric": metric, "value": value})
+    for p in profiles:
+        for name, key in (("train_tokens_per_s", "tokens_per_s"), ("compiled_memory_bytes", "memory_bytes")):
+            if p[key] is not None:
+                rows.append({"experiment": experiment, "task": task, "variant": p["label"], "params": p["params"],
+                             "state_size": p["state_size"], "lr": "", "metric": f"{name}@T={p['seq_len']}",
+                             "value": p[key]})
+    return rows
+
+
+def best_over_lrs(task: str, results: list[dict]) -> dict[tuple[str, int], dict]:
+    """(label, seq_len) -> the result with the best main metric over learning rates (NaN is worst), as zoology
+    reports."""
+    name, higher_is_better = MAIN_METRIC[task]
+
+    def score(r):
+        v = r["metrics"].get(name, float("nan"))
+        return -math.inf if math.isnan(v) else (v if higher_is_better else -v)
+
+    best = {}
+    for r in results:
+        key = (r["label"], r["seq_len"])
+        if key not in best or score(r) > score(best[key]):
+            best[key] = r
+    return best
+
+
+def markdown(experiment: str, task: str, results: list[dict], profiles: list[dict], total: int,
+             command: str) -> str:
+    name, _ = MAIN_METRIC[task]
+    best = best_over_lrs(task, results)
+    labels = list(dict.fromkeys(r["label"] for r in results))
+    seq_lens = sorted({r["seq_len"] for r in results})
+    lines = [f"# {experiment} ({task})", "", f"Produced by `{command}`; {len(results)} of {total} runs finished.", ""]
+    if task == "mqar":
+        lines += ["## Test accuracy, best over learning rates", "",
+                  "| variant | params | " + " | ".join(f"T={t}" for t in seq_lens) + " |",
+                  "|---|---:|" + "---:|" * len(seq_lens)]
+        for label in labels:
+            params = next(r["params"] for r in results if r["label"] == label)
+            cells = [_fmt(best[(label, t)]["metrics"].get(name)) if (label, t) in best else "" for t in seq_lens]
+            lines.append(f"| {label} | {params:,} | " + " | ".join(cells) + " |")
+        lines += ["", "## Per sequence length", "", "| variant | T | state size (floats) | accuracy | best lr |",
+                  "|---|---:|---:|---:|---:|"]
+        for (label, t), r in sorted(best.items(), key=lambda kv: (labels.index(kv[0][0]), kv[0][1])):
+            lines.append(f"| {label} | {t} | {r['state_size']:,} | {_fmt(r['metrics'].get(name))} | {_lr(r['lr'])} |")
+    else:
+        lines += ["## Validation loss, best over learning rates", "",
+                  "| variant | params | state size (floats) | val loss | best lr | attention-sink share | tokens/s |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for label in labels:
+            r = best[(label, seq_lens[0])]
+            m = r["metrics"]
+            lines.append(f"| {label} | {r['params']:,} | {r['state_size']:,} | {_fmt(m.get(name))} | {_lr(r['lr'])} "
+                         f"| {_fmt(m.get('attention_sink_share'), 3)} | {_fmt(m.get('tokens_per_s'), 0)} |")
+    lrs = sorted({r["lr"] for r in results})
+    lines += ["", f"## Every learning rate ({name})", "",
+              "| variant | T | " + " | ".join(_lr(lr) for lr in lrs) + " |", "|---|---:|" + "---:|" * len(lrs)]
+    by_key = {(r["label"], r["seq_len"], r["lr"]): r for r in results}
+    for label in labels:
+        for t in seq_lens:
+            cells = [_fmt(by_key[(label, t, lr)]["metrics"].get(name)) if (label, t, lr) in by_key else ""
+                     for lr in lrs]
+            if any(cells):
+                lines.append(f"| {label} | {t} | " + " | ".join(cells) + " |")
+    if profiles:
+        lines += ["", f"## Training throughput and compiled memory (forward + backward, batch "
+                      f"{profiles[0]['batch_size']})", "", "| variant | T | tokens/s | memory (MiB) |",
+                  "|---|---:|---:|---:|"]
+        for p in profiles:
+            mib = None if p["memory_bytes"] is None else p["memory_bytes"] / 2**20
+            lines.append(f"| {p['label']} | {p['seq_len']} | {p['tokens_per_s']:,.0f} | {_fmt(mib, 1)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(out_dir: Path, task: str, results: list[dict], profiles: list[dict]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
+
+    written = []
+
+    def log_axis(axis, ticks=None):
+        """Log scale with plain-number labels (at `ticks`, else at 1-2-5 steps) and no crowded minor labels."""
+        if ticks is not None:
+            axis.set_major_locator(ticker.FixedLocator(sorted(set(ticks))))
+        else:
+            axis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}"))
+        axis.set_minor_formatter(ticker.NullFormatter())
+
+    def save(fig, name):
+        path = out_dir / name
+        tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
+        fig.tight_layout()
+        fig.savefig(tmp, dpi=120, format="png")
+        plt.close(fig)
+        os.replace(tmp, path)
+        written.append(path)
+
+    labels = list(dict.fromkeys(r["label"] for r in results))
+    best = best_over_lrs(task, results)
+    if task == "mqar" and results:
+        seq_lens = sorted({t for _, t in best})
+        fig, axes = plt.subplots(1, len(seq_lens), figsize=(4.2 * len(seq_lens), 3.6), squeeze=False, sharey=True)
+        for ax, t in zip(axes[0], seq_lens):
+            for variant in dict.fromkeys(r["variant"] for r in results):  # sizes of a variant form one line
+                pts = sorted((r["state_size"], r["metrics"].get("accuracy", float("nan")))
+                             for (_, tt), r in best.items() if tt == t and r["variant"] == variant)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=variant)
+            ax.set(xscale="log", title=f"MQAR, T={t}", xlabel="state size (floats per sequence)", ylim=(-0.02, 1.02))
+            log_axis(ax.xaxis)
+            ax.margins(x=0.1)
+        axes[0][0].set_ylabel("test accuracy (best lr)")
+        axes[0][-1].legend(fontsize=7, loc="best")
+        save(fig, "mqar_accuracy_vs_state_size.png")
+    if task == "lm" and results:
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        for label in labels:
+            r = best[(label, results[0]["seq_len"])]
+            run_dir = out_dir / "runs" / r["run_id"]
+            train = read_curve(run_dir / "metrics.jsonl", "loss")
+            val = read_curve(run_dir / "metrics.jsonl", "val_loss")
+            line, = ax.plot([s for s, _ in train], [v for _, v in train], label=f"{label} (lr {_lr(r['lr'])})")
+            ax.plot([s for s, _ in val], [v for _, v in val], "o", color=line.get_color())
+        ax.set(xlabel="step", ylabel="loss (lines: train, dots: validation)", title="Language modelling, best lr")
+        ax.legend(fontsize=7)
+        save(fig, "lm_loss_curves.png")
+    if profiles:
+        for key, ylabel, name in (("tokens_per_s", "train tokens/s (fwd + bwd)", "throughput_vs_seq_len.png"),
+                                  ("memory_bytes", "compiled memory (MiB)", "memory_vs_seq_len.png")):
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for label in dict.fromkeys(p["label"] for p in profiles):
+                pts = sorted((p["seq_len"], p[key]) for p in profiles if p["label"] == label and p[key] is not None)
+                scale = 2**20 if key == "memory_bytes" else 1
+                ax.plot([t for t, _ in pts], [v / scale for _, v in pts], "o-", label=label)
+            ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel=ylabel)
+            log_axis(ax.xaxis, [p["seq_len"] for p in profiles])
+            log_axis(ax.yaxis)
+            ax.legend(fontsize=7)
+            save(fig, name)
+    return written
+
+
+def write_report(out_dir: Path, experiment: str, task: str, results: list[dict], profiles: list[dict], total: int,
+                 command: str) -> list[Path]:
+    """Writes results.csv, results.md and the plots into `out_dir`; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = out_dir / "results.csv", out_dir / "results.md"
+    tmp = csv_path.with_name(f".{csv_path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(csv_rows(experiment, task, results, profiles))
+    os.replace(tmp, csv_path)
+    _atomic_write(md_path, markdown(experiment, task, results, profiles, total, command))
+    return [csv_path, md_path] + plots(out_dir, task, results, profiles)
+
+
+__all__ = ["write_report", "csv_rows", "markdown", "plots", "best_over_lrs", "CSV_COLUMNS"]

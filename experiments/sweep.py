@@ -1,0 +1,346 @@
+"""Sweep definitions: a YAML mapping (`configs/ablate/*.yaml`) plus dotted `key=value` overrides -> a list of runs.
+
+The grid is variants x sizes x learning rates (x sequence lengths for MQAR). Every mistake is a one-line
+`ConfigError` naming the key. A run's `spec` holds everything that determines its result, so a finished run is
+reused only when its spec is unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import re
+from pathlib import Path
+
+import yaml
+
+from qwen35_jax.config import CONFIG_DIR, ConfigError, ModelConfig, load_config, parse_overrides, to_dict
+
+SWEEP_DIR = CONFIG_DIR / "ablate"
+TASKS = ("mqar", "lm")
+TOP_KEYS = {"experiment", "task", "model", "variants", "sizes", "lrs", "seed", "out_dir", "match_params",
+            "profile_seq_lens", "profile_batch_size", "mqar", "lm"}
+MQAR_DEFAULTS = {"seq_lens": [64, 128, 256], "num_kv_pairs": None, "vocab_size": 256, "train_examples": 20000,
+                 "test_examples": 1000, "steps": 1000, "batch_size": 32, "eval_batch_size": 250,
+                 "warmup_steps": 50, "weight_decay": 0.1, "clip_norm": 1.0, "power_a": 0.01}
+LM_DEFAULTS = {"steps": 250, "batch_size": 16, "seq_len": 256, "data": {"kind": "stdlib"},
+               "tokenizer": {"kind": "stdlib", "vocab_size": 4096}, "eval_batches": 8, "eval_every": 50,
+               "log_every": 10, "sink_rows": 4, "train": {}}
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One point of the grid. `label` is the variant name, with "/size" when the sweep has sizes."""
+
+    run_id: str
+    variant: str
+    size: str
+    lr: float
+    seq_len: int
+    model: ModelConfig
+    spec: dict
+
+    @property
+    def label(self) -> str:
+        return f"{self.variant}/{self.size}" if self.size else self.variant
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    experiment: str
+    task: str
+    runs: tuple[Run, ...]
+    settings: dict  # the task's section (mqar or lm) with defaults filled in
+    out_dir: Path
+    seed: int
+    profile_seq_lens: tuple[int, ...]
+    profile_batch_size: int
+    source: dict  # the resolved YAML mapping, recorded beside the results
+
+
+def _nearest(key, options) -> str:
+    m = difflib.get_close_matches(str(key), [str(o) for o in options], n=1, cutoff=0.5)
+    return f" (did you mean {m[0]!r}?)" if m else ""
+
+
+def resolve_path(config: str) -> Path:
+    """A name under configs/ablate/ or a path to a YAML file."""
+    path = Path(config)
+    if path.suffix not in (".yaml", ".yml"):
+        path = SWEEP_DIR / f"{config}.yaml"
+        if not path.exists():
+            names = sorted(p.stem for p in SWEEP_DIR.glob("*.yaml"))
+            raise ConfigError(f"unknown sweep {config!r}{_nearest(config, names)}; configs/ablate has: "
+                              f"{', '.join(names)}")
+    if not path.exists():
+        raise ConfigError(f"sweep config file {str(path)!r} does not exist")
+    return path
+
+
+def _set_dotted(data: dict, key: str, value) -> None:
+    node = data
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {p!r} is not a mapping")
+    node[parts[-1]] = value
+
+
+def load_sweep(config: str, overrides=()) -> Sweep:
+    path = resolve_path(config)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sweep keys, got {type(data).__name__}")
+    for k, v in parse_overrides(overrides).items():
+        _set_dotted(data, k, v)
+    return build_sweep(data, where=str(path))
+
+
+def _need(cond, where: str, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{where}: key {key!r} {msg}")
+
+
+def _positive_int(value, where: str, key: str) -> int:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer() and value > 0
+    _need(ok, where, key, f"must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _number(value, where: str, key: str) -> float:
+    if isinstance(value, str):  # YAML 1.1 reads 3e-3 as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    _need(isinstance(value, (int, float)) and not isinstance(value, bool), where, key,
+          f"must be a number, got {value!r}")
+    return float(value)
+
+
+def _section(data: dict, name: str, defaults: dict, where: str) -> dict:
+    given = data.get(name) or {}
+    _need(isinstance(given, dict), where, name, f"must be a mapping, got {given!r}")
+    for k in given:
+        _need(k in defaults, where, f"{name}.{k}", f"is unknown{_nearest(k, defaults)}; known: {', '.join(defaults)}")
+    return {**copy.deepcopy(defaults), **given}
+
+
+def _overrides(value, where: str, key: str) -> dict:
+    """A variant is a layer pattern string or a mapping with `layer_pattern` and other model keys."""
+    if isinstance(value, str):
+        return {"layer_pattern": value}
+    _need(isinstance(value, dict), where, key, f"must be a layer pattern string or a mapping, got {value!r}")
+    return dict(value)
+
+
+def _model(base: dict, *layers: tuple[str, dict], where: str) -> ModelConfig:
+    merged = dict(base)
+    preset = merged.pop("base", "tiny")
+    for _, layer in layers:
+        merged.update(layer)
+    try:
+        return load_config(preset, **merged)
+    except ConfigError as e:
+        keys = " + ".join(k for k, _ in layers)
+        raise ConfigError(f"{where}: {keys}: {e}") from None
+
+
+def _match_params(cfgs: dict[str, ModelConfig], spec, where: str) -> dict[str, ModelConfig]:
+    """Widen or narrow each variant's FFN so its parameter count matches the reference variant's."""
+    if isinstance(spec, str):
+        spec = {"to": spec}
+    _need(isinstance(spec, dict) and "to" in spec, where, "match_params",
+          f"must be a variant name or {{to: VARIANT, by: intermediate_size}}, got {spec!r}")
+    ref, by = spec["to"], spec.get("by", "intermediate_size")
+    _need(ref in cfgs, where, "match_params.to", f"names no variant: {ref!r}{_nearest(ref, cfgs)}")
+    _need(by in ("intermediate_size", "moe_intermediate_size"), where, "match_params.by",
+          f"must be intermediate_size or moe_intermediate_size, got {by!r}")
+    target = cfgs[ref].param_counts()["total"]
+    out = {}
+    for name, cfg in cfgs.items():
+        width = getattr(cfg, by)
+        p0 = cfg.param_counts()["total"]
+        per_unit = cfg.replace(**{by: width + 1}).param_counts()["total"] - p0  # the count is linear in the width
+        new = int(round(width + (target - p0) / per_unit))
+        _need(new > 0, where, "match_params", f"cannot match variant {name!r} to {ref!r}: {by} would be {new}")
+        out[name] = cfg.replace(**{by: new}) if new != width else cfg
+    return out
+
+
+def _lr_text(lr: float) -> str:
+    return f"{lr:.0e}".replace("e-0", "e-").replace("e+0", "e")
+
+
+def _run_id(*parts) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=+-]", "_", ".".join(str(p) for p in parts if p != ""))
+
+
+def build_sweep(data: dict, where: str = "sweep") -> Sweep:
+    for k in data:
+        _need(k in TOP_KEYS, where, k, f"is unknown{_nearest(k, TOP_KEYS)}; known: {', '.join(sorted(TOP_KEYS))}")
+    for k in ("experiment", "task", "variants", "lrs"):
+        _need(k in data, where, k, "is required")
+    experiment = data["experiment"]
+    _need(isinstance(experiment, str) and re.fullmatch(r"[A-Za-z0-9_.-]+", experiment), where, "experiment",
+          f"must be a name of letters, digits, '_', '.', '-', got {experiment!r}")
+    task = data["task"]
+    _need(task in TASKS, where, "task", f"must be one of {', '.join(TASKS)}, got {task!r}")
+    other = "lm" if task == "mqar" else "mqar"
+    _need(data.get(other) is None, where, other, f"is a section of task {other!r}; this sweep's task is {task!r}")
+    settings = _section(data, task, MQAR_DEFAULTS if task == "mqar" else LM_DEFAULTS, where)
+    base = data.get("model") or {}
+    _need(isinstance(base, dict), where, "model", f"must be a mapping (base: PRESET plus model keys), got {base!r}")
+    variants = data["variants"]
+    _need(isinstance(variants, dict) and variants, where, "variants",
+          "must be a non-empty mapping of name -> layer pattern (or a mapping of model keys)")
+    sizes = data.get("sizes") or {"": {}}
+    _need(isinstance(sizes, dict), where, "sizes", f"must be a mapping of name -> model keys, got {sizes!r}")
+    for group, names in (("variants", variants), ("sizes", [s for s in sizes if s])):
+        for name in names:
+            _need(re.fullmatch(r"[A-Za-z0-9_-]+", str(name)), where, f"{group}.{name}",
+                  "is a name with characters other than letters, digits, '_', '-'")
+    lrs = data["lrs"]
+    _need(isinstance(lrs, list) and lrs, where, "lrs", f"must be a non-empty list of learning rates, got {lrs!r}")
+    lrs = [_number(lr, where, "lrs") for lr in lrs]
+    _need(all(lr > 0 for lr in lrs), where, "lrs", f"must be positive, got {lrs}")
+    seed = int(_number(data.get("seed", 0), where, "seed"))
+    profile = data.get("profile_seq_lens") or []
+    _need(isinstance(profile, list), where, "profile_seq_lens", f"must be a list of sequence lengths, got {profile!r}")
+    profile = tuple(_positive_int(t, where, "profile_seq_lens") for t in profile)
+    profile_batch = _positive_int(data.get("profile_batch_size", 4), where, "profile_batch_size")
+
+    if task == "mqar":
+        seq_lens = _mqar_settings(settings, where)
+        base = {**base, "vocab_size": settings["vocab_size"]}
+    else:
+        _lm_settings(settings, where)
+        seq_lens = [settings["seq_len"]]
+
+    runs = []
+    for size, size_over in sizes.items():
+        _need(isinstance(size_over, dict), where, f"sizes.{size}",
+              f"must be a mapping of model keys, got {size_over!r}")
+        cfgs = {}
+        for name, value in variants.items():
+            over = _overrides(value, where, f"variants.{name}")
+            _need("layer_pattern" in over, where, f"variants.{name}", "needs a layer_pattern")
+            layers = ([(f"sizes.{size}", size_over)] if size else []) + [(f"variants.{name}", over)]
+            cfgs[name] = _model(base, *layers, where=where)
+        if data.get("match_params"):
+            cfgs = _match_params(cfgs, data["match_params"], where)
+        for name, cfg in cfgs.items():
+            cfg = cfg.replace(name=f"{name}/{size}" if size else name)
+            for seq_len in seq_lens:
+                for lr in lrs:
+                    task_spec = settings
+                    if task == "mqar":  # this length's own settings: what train_mqar receives
+                        task_spec = {**settings, "seq_lens": None, "num_kv_pairs": settings["num_kv_pairs"][seq_len],
+                                     "batch_size": settings["batch_size"][seq_len]}
+                    spec = {"task": task, "lr": lr, "seed": seed, "settings": task_spec,
+                            "model": _jsonable(to_dict(cfg))}
+                    run_id = _run_id(name, size, f"T{seq_len}" if task == "mqar" else "", f"lr{_lr_text(lr)}")
+                    runs.append(Run(run_id, name, size, lr, seq_len, cfg, spec))
+    ids = [r.run_id for r in runs]
+    dup = next((i for i in ids if ids.count(i) > 1), None)
+    _need(dup is None, where, "lrs", f"gives two runs the same id {dup!r} (learning rates equal to 1 digit)")
+    out_dir = Path(data.get("out_dir") or f"experiments/results/{experiment}")
+    return Sweep(experiment, task, tuple(runs), settings, out_dir, seed, profile, profile_batch, _jsonable(data))
+
+
+def _per_seq_len(s: dict, key: str, seq_lens: list[int], default, where: str) -> dict[int, int]:
+    """An int for every length, or a mapping {seq_len: int} covering every length."""
+    value = s[key] if s[key] is not None else {t: default(t) for t in seq_lens}
+    if not isinstance(value, dict):
+        value = {t: value for t in seq_lens}
+    value = {int(t) if str(t).isdigit() else t: v for t, v in value.items()}
+    missing = [t for t in seq_lens if t not in value]
+    _need(not missing, where, f"mqar.{key}", f"has no entry for seq_len {missing[0] if missing else ''}")
+    return {t: _positive_int(value[t], where, f"mqar.{key}") for t in seq_lens}
+
+
+def _mqar_settings(s: dict, where: str) -> list[int]:
+    seq_lens = s["seq_lens"] if isinstance(s["seq_lens"], list) else [s["seq_lens"]]
+    seq_lens = [_positive_int(t, where, "mqar.seq_lens") for t in seq_lens]
+    _need(seq_lens and all(t % 2 == 0 for t in seq_lens), where, "mqar.seq_lens", f"must be even, got {seq_lens}")
+    for k in ("vocab_size", "train_examples", "test_examples", "steps", "eval_batch_size"):
+        s[k] = _positive_int(s[k], where, f"mqar.{k}")
+    _need(isinstance(s["warmup_steps"], int) and s["warmup_steps"] >= 0, where, "mqar.warmup_steps",
+          f"must be an integer >= 0, got {s['warmup_steps']!r}")
+    for k in ("weight_decay", "clip_norm", "power_a"):
+        s[k] = _number(s[k], where, f"mqar.{k}")
+    s["batch_size"] = _per_seq_len(s, "batch_size", seq_lens, None, where)
+    s["num_kv_pairs"] = _per_seq_len(s, "num_kv_pairs", seq_lens, lambda t: max(1, t // 16), where)  # zoology: T/16
+    for t, p in s["num_kv_pairs"].items():
+        _need(4 * p <= t, where, "mqar.num_kv_pairs", f"= {p} needs seq_len >= {4 * p}, got seq_len {t}")
+        _need(p < s["vocab_size"] // 2, where, "mqar.vocab_size", f"= {s['vocab_size']} is too small for {p} "
+              f"distinct keys and values")
+    s["seq_lens"] = seq_lens
+    return seq_lens
+
+
+def _lm_settings(s: dict, where: str) -> None:
+    for k in ("steps", "batch_size", "seq_len", "eval_batches", "eval_every", "log_every", "sink_rows"):
+        s[k] = _positive_int(s[k], where, f"lm.{k}")
+    _need(isinstance(s["data"], (dict, str)), where, "lm.data", f"must be a data spec or a path, got {s['data']!r}")
+    _need(isinstance(s["tokenizer"], (dict, str)), where, "lm.tokenizer",
+          f"must be a mapping or a path, got {s['tokenizer']!r}")
+    _need(isinstance(s["train"], dict), where, "lm.train",
+          f"must be a mapping of extra trainer keys (dotted allowed), got {s['train']!r}")
+    s["train"] = _flatten(s["train"])
+    for k in s["train"]:
+        top = k.split(".")[0]
+        _need(top not in ("model", "run_dir", "seed") and k != "optimizer.lr", where, f"lm.train.{k}",
+              "is set by the sweep itself (model, seed and lrs are sweep keys)")
+        _need(top not in LM_DEFAULTS, where, f"lm.train.{k}", f"duplicates a key of the lm section: use lm.{top}")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """{"optimizer": {"b2": 0.99}} -> {"optimizer.b2": 0.99}: an override never replaces a whole section."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def shard(runs, spec: str | None):
+    """`"i/n"` -> every n-th run starting at i (0-based), so n jobs split a sweep without talking to each other."""
+    if not spec:
+        return list(runs)
+    m = re.fullmatch(r"(\d+)/(\d+)", spec)
+    if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
+        raise ConfigError(f"--shard {spec!r} must be i/n with 0 <= i < n, e.g. 0/4")
+    i, n = int(m.group(1)), int(m.group(2))
+    return list(runs)[i::n]
+
+
+def spec_difference(old: dict, new: dict) -> str | None:
+    """None when equal, else the first differing key (dotted)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new)):
+            diff = spec_difference(old.get(k), new.get(k))
+            if diff is not None:
+                return f"{k}.{diff}" if diff else k
+        return None
+    return None if old == new else ""
+
+
+__all__ = ["Run", "Sweep", "load_sweep", "build_sweep", "shard", "resolve_path", "spec_difference"]

@@ -1,0 +1,107 @@
+"""The sweep runner end to end: a two-variant MQAR micro sweep (results, table, plots, resume), a one-variant LM
+micro sweep through the trainer (loss curves, attention-sink share), sharding, and one-line config errors."""
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from experiments import ablate
+from experiments.ablate import ablate_main
+from experiments.report import CSV_COLUMNS
+from experiments.sweep import build_sweep, load_sweep
+from qwen35_jax.config import ConfigError
+from qwen35_jax.errors import UserError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return tuple(reader.fieldnames), list(reader)
+
+
+def test_micro_mqar_sweep_writes_results_and_resumes(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "micro"
+    argv = ["micro", f"out_dir={out}"]
+    assert ablate_main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sum("ETA" in line for line in lines) == 4  # one progress line per run
+
+    columns, rows = read_csv(out / "results.csv")
+    assert columns == CSV_COLUMNS
+    acc = [r for r in rows if r["metric"] == "accuracy@T=32"]
+    assert sorted((r["variant"], float(r["lr"])) for r in acc) == [("attention", 3e-3), ("attention", 1e-2),
+                                                                   ("linear", 3e-3), ("linear", 1e-2)]
+    assert all(r["experiment"] == "micro" and r["task"] == "mqar" and 0 <= float(r["value"]) <= 1 for r in acc)
+    state = {r["variant"]: int(r["state_size"]) for r in acc}
+    assert state["attention"] == 2 * 1 * 16 * 32  # K and V, 1 kv head of dim 16, 32 positions, 1 layer
+    assert state["linear"] == 2 * 16 * 16 + 3 * (2 * 1 * 16 + 2 * 16)  # 2 value heads of 16x16 + 3 conv columns
+    profiled = {(r["variant"], r["metric"]) for r in rows if r["lr"] == ""}
+    assert ("linear", "compiled_memory_bytes@T=32") in profiled and ("attention", "train_tokens_per_s@T=32") in profiled
+
+    md = (out / "results.md").read_text()
+    assert "| attention |" in md and "| linear |" in md and "4 of 4 runs finished" in md
+    for name in ("mqar_accuracy_vs_state_size.png", "throughput_vs_seq_len.png", "memory_vs_seq_len.png"):
+        assert (out / name).stat().st_size > 1000, name
+
+    # A rerun trains nothing and profiles nothing: every run and profile is read back from its file.
+    monkeypatch.setattr(ablate, "execute", lambda *a, **k: pytest.fail("a finished run ran again"))
+    monkeypatch.setattr("experiments.throughput.profile_train_step",
+                        lambda *a, **k: pytest.fail("a finished profile ran again"))
+    assert ablate_main(argv) == 0
+    assert capsys.readouterr().out.count("skipped, done earlier") == 4
+    assert read_csv(out / "results.csv")[1] == rows
+
+    # A changed setting is not silently mixed with old results.
+    with pytest.raises(UserError, match="different 'settings.steps'"):
+        ablate_main(argv + ["mqar.steps=7"])
+
+
+def test_micro_lm_sweep_trains_and_measures_the_sink(tmp_path, capsys):
+    from qwen35_jax.data import tokenizer as tk
+
+    train, valid = tmp_path / "train", tmp_path / "valid"
+    train.mkdir(), valid.mkdir()
+    for i, f in enumerate(sorted((REPO / "qwen35_jax").rglob("*.py"))[:24]):
+        (valid if i % 8 == 0 else train).joinpath(f"{i:03d}.txt").write_text(f.read_text())
+    tk.train_sentencepiece([f.read_text() for f in sorted(train.iterdir())], tmp_path / "sp", vocab_size=512)
+    out = tmp_path / "lm"
+    assert ablate_main(["micro_lm", f"out_dir={out}", "model.vocab_size=512", f"lm.tokenizer={tmp_path}/sp.model",
+                        f"lm.data={{kind: text, path: {train}, split: all}}",
+                        f"lm.train.eval_data={{kind: text, path: {valid}, split: all}}"]) == 0
+    capsys.readouterr()
+    columns, rows = read_csv(out / "results.csv")
+    assert columns == CSV_COLUMNS
+    metrics = {r["metric"]: float(r["value"]) for r in rows}
+    assert set(metrics) == {"val_loss", "tokens_per_s", "attention_sink_share"}
+    assert 0 < metrics["val_loss"] < 10 and 0 < metrics["attention_sink_share"] < 1
+    assert (out / "lm_loss_curves.png").stat().st_size > 1000
+    assert (out / "runs" / "attention.lr1e-2" / "metrics.jsonl").exists()
+
+
+def test_shards_split_the_grid(capsys):
+    sweep = load_sweep("mqar")
+    assert ablate_main(["mqar", "--list", "--shard", "1/5"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert listed == [r.run_id for r in sweep.runs[1::5]]
+    assert len({r.run_id for r in sweep.runs}) == len(sweep.runs) == 8 * 3 * 3
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"lrs": []}, "lrs"),
+    ({"variantz": {}}, "variantz"),
+    ({"task": "vision"}, "task"),
+    ({"variants": {"x": "GQ"}}, "variants.x"),
+    ({"variants": {"x": {"attn_output_gate": "none"}}}, "variants.x"),
+    ({"mqar": {"seq_lens": [32], "num_kv_pairs": 9}}, "mqar.num_kv_pairs"),
+    ({"mqar": {"step": 3}}, "mqar.step"),
+    ({"match_params": "nope"}, "match_params.to"),
+    ({"model": {"base": "tiny", "hidden_sise": 8}}, "hidden_sise"),
+])
+def test_bad_sweep_configs_name_the_key(change, key):
+    base = {"experiment": "x", "task": "mqar", "variants": {"a": "F"}, "lrs": [1e-3]}
+    with pytest.raises(ConfigError, match=key) as e:
+        build_sweep({**base, **change})
+    assert "\n" not in str(e.value)
