@@ -149,11 +149,12 @@ class Qwen35(nn.Module):
         return constrain(logits, ("batch", "seq", "vocab"))
 
     def mtp_logits(self, h_BTD, next_tokens_BT, segment_ids_BT, positions_BT, cache=None, cache_index=None):
-        """Logits for token t+2 at each position t (from h_t and token t+1), router stats, MTP cache."""
+        """Logits for token t+2 at each position t (from h_t and token t+1), the MTP hidden state (fed back as h
+        to draft further tokens), router stats, MTP cache."""
         dtype, _ = dtypes(self.cfg)
         emb = self.embed_tokens(next_tokens_BT).astype(accum_dtype(dtype))
         u_BTD, stats, cache = self.mtp(emb, h_BTD, segment_ids_BT, positions_BT, cache, cache_index)
-        return self.logits(u_BTD), stats, cache
+        return self.logits(u_BTD), u_BTD, stats, cache
 
     def __call__(self, tokens_BT, segment_ids_BT, positions_BT, cache=None, cache_index=None, mtp_tokens_BT=None):
         h_BTD, stats, cache = self.hidden(tokens_BT, segment_ids_BT, positions_BT, cache, cache_index)
@@ -161,7 +162,7 @@ class Qwen35(nn.Module):
         if cache is not None:
             aux["cache"] = cache
         if mtp_tokens_BT is not None and self.cfg.mtp_num_layers:
-            aux["mtp_logits"], aux["mtp_router"], _ = self.mtp_logits(h_BTD, mtp_tokens_BT, segment_ids_BT,
+            aux["mtp_logits"], _, aux["mtp_router"], _ = self.mtp_logits(h_BTD, mtp_tokens_BT, segment_ids_BT,
                                                                       positions_BT)
         return self.logits(h_BTD), aux
 
@@ -253,3 +254,40 @@ def forward_cached(cfg: ModelConfig, params, tokens, cache, *, segment_ids=None,
                                         jnp.asarray(positions, jnp.int32), cache["layers"], index)
     new_cache = {"index": index + T, "layers": aux["cache"]}
     return logits, aux["hidden"], new_cache
+
+
+def init_mtp_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+    """KV cache of the MTP head's attention layer, plus its write index."""
+    if not cfg.mtp_num_layers:
+        raise ValueError(f"model {cfg.name!r} has no MTP head (mtp_num_layers=0)")
+    dtype = dtype or dtypes(cfg)[0]
+    return {"index": jnp.zeros((), jnp.int32), "layer": MIXERS["attn"].init_cache(cfg, batch, max_len, dtype)}
+
+
+def mtp_forward_cached(cfg: ModelConfig, params, hidden, next_tokens, cache, *, segment_ids=None, positions=None):
+    """The MTP head on top of its cache: position t takes the main model's hidden state h_t `hidden [B, T, D]` and
+    token t+1 `next_tokens [B, T]`. Returns (logits for token t+2 [B, T, V], MTP hidden [B, T, D], new cache)."""
+    next_tokens = jnp.asarray(next_tokens, jnp.int32)
+    B, T = next_tokens.shape
+    index = cache["index"]
+    if segment_ids is None:
+        segment_ids = jnp.ones((B, T), jnp.int32)
+    if positions is None:
+        positions = jnp.broadcast_to(index + jnp.arange(T, dtype=jnp.int32), (B, T))
+    logits, u, _, layer = module_for(cfg).apply(
+        {"params": params}, hidden, next_tokens, jnp.asarray(segment_ids, jnp.int32),
+        jnp.asarray(positions, jnp.int32), cache["layer"], index, method="mtp_logits")
+    return logits, u, {"index": index + T, "layer": layer}
+
+
+def cache_bytes(cfg: ModelConfig, batch: int, context: int, dtype=None) -> dict:
+    """Bytes of decode state for `batch` sequences of `context` tokens, from the shapes `init_cache` would allocate
+    (nothing is allocated): {"kv_cache": attention KV caches (grow with context), "recurrent": conv windows and fp32
+    delta-rule states (constant), "total"}."""
+    shapes = jax.eval_shape(lambda: init_cache(cfg, batch, context, dtype))
+    out = {"kv_cache": 0, "recurrent": 0}
+    for block in shapes["layers"].values():
+        nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(block))
+        out["kv_cache" if "k" in block else "recurrent"] += nbytes
+    out["total"] = out["kv_cache"] + out["recurrent"]
+    return out

@@ -40,6 +40,16 @@ def causal_depthwise_conv(x_BTC, kernel_KC, segment_ids_BT):
     return out
 
 
+def last_valid_columns(window_BWC, segment_ids_BT, n: int):
+    """The `n` pre-conv columns that end at each row's last non-padding token (trailing padding, as in a speculative
+    verify step that commits only a prefix, is skipped; leading padding needs nothing: its columns are zero)."""
+    W, T = window_BWC.shape[1], segment_ids_BT.shape[1]
+    trailing = jnp.sum(jnp.cumprod((segment_ids_BT == 0)[:, ::-1].astype(jnp.int32), axis=1), axis=1)
+    trailing = jnp.where(trailing == T, 0, trailing)  # an all-padding row keeps the plain tail
+    take = lambda w, t: jax.lax.dynamic_slice_in_dim(w, W - n - t, n, axis=0)  # noqa: E731
+    return jax.vmap(take)(window_BWC, trailing)
+
+
 class GatedDeltaNet(nn.Module):
     cfg: object
 
@@ -64,7 +74,7 @@ class GatedDeltaNet(nn.Module):
             window = jnp.concatenate([cache["conv"].astype(f32), qkv_BTC.astype(f32)], axis=1)
             ones = jnp.ones(window.shape[:2], jnp.int32)
             conv_BTC = causal_depthwise_conv(window, kernel_KC.astype(f32), ones)[:, -T:]
-            new_conv = window[:, -(cfg.gdn_conv_kernel - 1):].astype(cache["conv"].dtype)
+            new_conv = last_valid_columns(window, segment_ids_BT, cfg.gdn_conv_kernel - 1).astype(cache["conv"].dtype)
         qkv_BTC = jax.nn.silu(conv_BTC).astype(dtype)
         q_BTHK = qkv_BTC[..., : Hk * dk].reshape(B, T, Hk, dk)
         k_BTHK = qkv_BTC[..., Hk * dk: 2 * Hk * dk].reshape(B, T, Hk, dk)
@@ -79,6 +89,8 @@ class GatedDeltaNet(nn.Module):
                 chunk_size=cfg.gdn_chunk_size, impl=cfg.gdn_impl)
         else:  # a few tokens decode with the per-token recurrence; a prompt uses the chunked form
             impl = "recurrent" if T <= DECODE_RECURRENT_MAX else cfg.gdn_impl
+            valid_BTH = (segment_ids_BT != 0)[..., None]  # padding leaves the carried state untouched
+            g_BTH, beta_BTH = jnp.where(valid_BTH, g_BTH, 0.0), jnp.where(valid_BTH, beta_BTH, 0.0)
             o_BTHV, state = chunk_gated_delta_rule(
                 q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, initial_state=cache["state"], output_final_state=True,
                 use_qk_l2norm=True, chunk_size=cfg.gdn_chunk_size, impl=impl)

@@ -1,0 +1,113 @@
+"""`qwen35 generate SOURCE`: text from a training run directory or a Hugging Face checkpoint folder.
+
+Text streams to stdout as it is generated; timing (and the MTP acceptance rate) goes to stderr; `--print-ids` ends
+stdout with the generated ids, space-separated, on one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import types
+from pathlib import Path
+
+from qwen35_jax.errors import UserError
+
+
+def load_source(source: str):
+    """(cfg, params, tokenizer or None) from a run directory (config.json + checkpoints/) or an HF folder."""
+    path = Path(source)
+    if not path.exists():
+        raise UserError(f"{source}: no such run directory or checkpoint folder")
+    config = path / "config.json"
+    if not config.exists():
+        raise UserError(f"{source}: no config.json (expected a qwen35 run directory or a Hugging Face checkpoint)")
+    record = json.loads(config.read_text())
+    if (path / "checkpoints").exists():
+        from qwen35_jax.train import data as train_data
+        from qwen35_jax.train.convert import load_orbax_params, read_model_config
+
+        cfg = read_model_config(path)
+        params = load_orbax_params(path)
+        tokenizer = train_data.tokenizer_for(types.SimpleNamespace(tokenizer=record.get("tokenizer")))
+        return cfg, params, tokenizer
+    from qwen35_jax import hf
+
+    cfg, params = hf.load(path)
+    tokenizer = None
+    if (path / "tokenizer.json").exists() or (path / "tokenizer.model").exists():
+        from qwen35_jax.data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(path / ("tokenizer.json" if (path / "tokenizer.json").exists()
+                                           else "tokenizer.model"))
+    return cfg, params, tokenizer
+
+
+def parse_ids(text: str, what: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise UserError(f"{what} must be integers separated by commas, got {text!r}") from None
+
+
+def generate_main(argv) -> int:
+    parser = argparse.ArgumentParser(prog="qwen35 generate", description=__doc__.splitlines()[0])
+    parser.add_argument("source", help="a run directory (qwen35 train) or a Hugging Face checkpoint folder")
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text (needs a tokenizer)")
+    prompt.add_argument("--prompt-ids", help="prompt token ids, e.g. 1,2,3")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stop-ids", default=None, help="stop token ids (default: the tokenizer's end of text)")
+    parser.add_argument("--speculative", choices=["mtp"], default=None, help="draft with the MTP head")
+    parser.add_argument("--draft-tokens", type=int, default=2)
+    parser.add_argument("--print-ids", action="store_true", help="print the generated ids as the last line")
+    args = parser.parse_args(argv)
+
+    from qwen35_jax.generation import generate
+
+    cfg, params, tokenizer = load_source(args.source)
+    if args.prompt is not None:
+        if tokenizer is None:
+            raise UserError(f"{args.source} has no tokenizer (tokenizer.json / tokenizer.model); use --prompt-ids")
+        ids = list(tokenizer.encode(args.prompt))
+        if not ids:
+            raise UserError("--prompt encodes to no tokens")
+    else:
+        ids = parse_ids(args.prompt_ids, "--prompt-ids")
+    if args.stop_ids is not None:
+        stop = parse_ids(args.stop_ids, "--stop-ids")
+    else:
+        stop = [tokenizer.eos_id] if tokenizer is not None and tokenizer.eos_id is not None else []
+
+    generated: list[int] = []
+    shown = [""]
+
+    def stream(new):
+        generated.extend(new[0])
+        if tokenizer is not None:
+            text = tokenizer.decode(generated)
+            if text.startswith(shown[0]):
+                sys.stdout.write(text[len(shown[0]):])
+                sys.stdout.flush()
+                shown[0] = text
+
+    if tokenizer is not None and args.prompt is not None:
+        sys.stdout.write(args.prompt)
+    result = generate(cfg, params, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      top_k=args.top_k, top_p=args.top_p, stop_tokens=stop, seed=args.seed,
+                      speculative=args.speculative, draft_tokens=args.draft_tokens, on_tokens=stream)
+    if tokenizer is not None:
+        sys.stdout.write("\n")
+    st = result.stats
+    line = f"{st['new_tokens']} tokens, prefill {st['prefill_s']:.2f}s, decode {st['tokens_per_s']:.1f} tokens/s"
+    if "acceptance_rate" in st:
+        line += f", MTP acceptance {st['acceptance_rate']:.2f} ({st['tokens_per_round']:.2f} tokens per step)"
+    print(line, file=sys.stderr)
+    if args.print_ids:
+        print(" ".join(map(str, result.tokens[0])))
+    return 0

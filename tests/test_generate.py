@@ -1,0 +1,142 @@
+"""Generation: batched greedy equals the full forward and transformers' greedy `generate`; speculative MTP decoding
+equals plain greedy (and the verify round accepts exactly the right prefix and rolls the caches back); the CLI;
+clear errors for bad input."""
+
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qwen35_jax import forward, generate, hf, init_params, load_config
+from qwen35_jax.errors import UserError
+from qwen35_jax.generation import PROMPT_BUCKET, Sampling, _left_pad, _speculative_programs
+from qwen35_jax.model import init_cache, init_mtp_cache
+from tests.hf_fixtures import hf_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = load_config("tiny", vocab_size=61, hidden_size=32, num_layers=4, num_heads=2, num_kv_heads=1, head_dim=16,
+                      gdn_num_key_heads=1, gdn_num_value_heads=2, gdn_key_dim=8, gdn_value_dim=8, num_experts=4,
+                      experts_per_token=2, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+                      gdn_chunk_size=16, mtp_num_layers=1, initializer_range=0.2, max_position_embeddings=256)
+    return cfg, init_params(cfg, jax.random.key(0))
+
+
+def is_greedy_continuation(cfg, params, prompt, generated) -> bool:
+    """One full forward over prompt + generated: every generated token is the argmax after its prefix."""
+    logits = forward(cfg, params, np.array([list(prompt) + list(generated)]))[0]
+    return np.argmax(logits[len(prompt) - 1:-1], -1).tolist() == list(generated)
+
+
+def test_batched_greedy_equals_full_forward_argmax(model):
+    cfg, params = model
+    prompts = [list(range(1, 6)), list(np.random.default_rng(0).integers(0, 61, 40))]  # 5 and 40: two buckets
+    out = generate(cfg, params, prompts, max_new_tokens=20, chunk=8)
+    for p, got in zip(prompts, out.tokens):
+        assert len(got) == 20 and is_greedy_continuation(cfg, params, p, got)
+    assert len(set(out.tokens[1])) > 1  # a non-degenerate continuation
+
+
+def test_stop_tokens_and_streaming(model):
+    cfg, params = model
+    full = generate(cfg, params, [[3, 4, 5]], max_new_tokens=12).tokens[0]
+    stop = full[4]
+    streamed = []
+    out = generate(cfg, params, [[3, 4, 5]], max_new_tokens=12, stop_tokens=[stop], on_tokens=streamed.append)
+    assert out.tokens[0] == full[:full.index(stop) + 1]
+    assert [t for chunk in streamed for t in chunk[0]] == out.tokens[0]
+
+
+@pytest.mark.parametrize("family", ["qwen3_5_dense_untied", "qwen3_5_moe"])
+def test_greedy_equals_transformers_generate(family, tmp_path):
+    import torch
+
+    ref_model = hf_model(family)
+    ref_model.save_pretrained(tmp_path)
+    cfg, params = hf.load(tmp_path)
+    prompt = [5, 17, 3, 88, 42, 9, 1]
+    with torch.no_grad():
+        ref = ref_model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, min_new_tokens=16,
+                                 eos_token_id=None, pad_token_id=0)
+    ours = generate(cfg, params, [prompt], max_new_tokens=16)
+    assert ours.tokens[0] == ref[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_speculative_greedy_equals_plain_greedy(model, k):
+    cfg, params = model
+    prompt = list(np.random.default_rng(1).integers(0, 61, 21))
+    plain = generate(cfg, params, [prompt], max_new_tokens=24).tokens[0]
+    spec = generate(cfg, params, [prompt], max_new_tokens=24, speculative="mtp", draft_tokens=k)
+    assert spec.tokens[0] == plain
+    if k == 1:
+        return
+    # top-k 1 sampling is greedy: the sampling acceptance rule must reproduce it too
+    sampled = generate(cfg, params, [prompt], max_new_tokens=24, speculative="mtp", draft_tokens=k, temperature=0.7,
+                       top_k=1, seed=3)
+    assert sampled.tokens[0] == plain
+
+
+@pytest.mark.parametrize("right", [0, 1, 2, 3])
+def test_verify_round_accepts_the_correct_prefix_and_rolls_back(model, right):
+    """Drafts whose first `right` tokens are the true greedy continuation: the round accepts exactly those, emits
+    the main model's next token, and leaves caches from which decoding continues exactly like the full forward."""
+    cfg, params = model
+    k = 3
+    prompt = list(np.random.default_rng(2).integers(0, 61, 9))
+    truth = generate(cfg, params, [prompt], max_new_tokens=k + 4).tokens[0]  # = full-forward greedy (tested above)
+    s = Sampling()
+    start, round_ = _speculative_programs(cfg, s, k)
+    tokens, seg, pos = _left_pad([prompt], PROMPT_BUCKET)
+    cache, mtp_cache = init_cache(cfg, 1, 64), init_mtp_cache(cfg, 1, 64)
+    y, _, logq, cache, mtp_cache = start(params, tokens, seg, pos, cache, mtp_cache, jax.random.key(0))
+    assert int(y) == truth[0]
+    drafts = np.array(truth[1:k + 1], np.int32)
+    drafts[right:] = (drafts[right:] + 1) % cfg.vocab_size  # wrong from position `right` on
+    toks, a, y_next, _, _, cache, mtp_cache = round_(params, cache, mtp_cache, y, jnp.asarray(drafts), logq,
+                                                     jnp.int32(len(prompt)), jax.random.key(1))
+    assert int(a) == right and int(y_next) == truth[right + 1]
+    # continue plain greedy decoding on the rolled-back cache
+    from qwen35_jax.model import forward_cached
+
+    n = len(prompt) + right + 1
+    tok = int(y_next)
+    for i in range(2):
+        logits, _, cache = forward_cached(cfg, params, jnp.array([[tok]]), cache, positions=jnp.array([[n + i]]))
+        tok = int(jnp.argmax(logits[0, 0]))
+        assert tok == truth[right + 2 + i]
+
+
+def test_bad_input_is_a_clear_error(model):
+    cfg, params = model
+    with pytest.raises(UserError, match="prompt 0 is empty"):
+        generate(cfg, params, [[]])
+    with pytest.raises(UserError, match="token id 61 is outside the vocabulary"):
+        generate(cfg, params, [[1, 61]])
+    with pytest.raises(UserError, match="exceed the model's context of 256"):
+        generate(cfg, params, [[1] * 250], max_new_tokens=10)
+    with pytest.raises(UserError, match="one prompt at a time"):
+        generate(cfg, params, [[1], [2]], speculative="mtp")
+    with pytest.raises(UserError, match="top_p must be in"):
+        generate(cfg, params, [[1]], top_p=0.0)
+    with pytest.raises(UserError, match="no MTP head"):
+        generate(cfg.replace(mtp_num_layers=0), params, [[1]], speculative="mtp")
+
+
+def test_cli_prints_the_same_ids_as_the_api(tmp_path):
+    ref_model = hf_model("qwen3_5_dense_tied")
+    ref_model.save_pretrained(tmp_path)
+    cfg, params = hf.load(tmp_path)
+    expected = generate(cfg, params, [[4, 8, 15, 16]], max_new_tokens=6).tokens[0]
+    out = subprocess.run([sys.executable, "-m", "qwen35_jax.cli", "generate", str(tmp_path), "--prompt-ids",
+                          "4,8,15,16", "--max-new-tokens", "6", "--print-ids"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == " ".join(map(str, expected))
+    bad = subprocess.run([sys.executable, "-m", "qwen35_jax.cli", "generate", str(tmp_path), "--prompt", "hi"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "has no tokenizer" in bad.stderr and "Traceback" not in bad.stderr
