@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import os
+import re
 import time
 
 import jax
@@ -83,30 +84,53 @@ def compile_train_step(tcfg, devices):
     t0 = time.perf_counter()
     with use_mesh(mesh):
         lowered = jax.jit(step, out_shardings=(s_shard, replicated(mesh)), donate_argnums=0).lower(state, batch)
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - t0
     p_shard = param_shardings(shapes, mesh, model_cfg.hidden_size)
     params_b = per_device_bytes(shapes, p_shard)
     opt_b = per_device_bytes(state_shapes["opt_state"], s_shard["opt_state"])
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # XLA:TPU refuses programs that cannot fit: report it as a (non-)fit, not a crash
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        compiled = OutOfMemory(str(e))
+    compile_s = time.perf_counter() - t0
     return model_cfg, mesh, compiled, compile_s, params_b, opt_b
+
+
+class OutOfMemory:
+    """What XLA said when the step does not fit: the temporaries it needed, parsed from its message."""
+
+    def __init__(self, message: str):
+        self.message = message.splitlines()[0][:400]
+        found = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\)", message)
+        scale = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+        self.temp_bytes = int(float(found.group(1)) * scale[found.group(2)]) if found else 0
 
 
 def report(tcfg, topology: str) -> dict:
     tpu_env()
     devices = topology_devices(topology)
     model_cfg, mesh, compiled, compile_s, params_b, opt_b = compile_train_step(tcfg, devices)
+    hbm = hbm_bytes(topology)
+    if isinstance(compiled, OutOfMemory):
+        return {"config": model_cfg.name, "topology": topology, "devices": len(devices), "mesh": dict(mesh.shape),
+                "remat": model_cfg.remat, "batch_size": tcfg.batch_size, "seq_len": tcfg.seq_len,
+                "grad_accum": tcfg.optimizer.grad_accum, "compile_s": round(compile_s, 2),
+                "per_device_bytes": params_b + opt_b + compiled.temp_bytes, "hbm_bytes_per_device": hbm,
+                "fits": False, "params_bytes": params_b, "optimizer_state_bytes": opt_b,
+                "argument_bytes": params_b + opt_b, "temp_bytes": compiled.temp_bytes, "output_bytes": 0,
+                "alias_bytes": 0, "xla_error": compiled.message}
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
     args_b, temp_b = int(mem.argument_size_in_bytes), int(mem.temp_size_in_bytes)
     out_b, alias_b = int(mem.output_size_in_bytes), int(getattr(mem, "alias_size_in_bytes", 0))
     total = args_b + temp_b + out_b - alias_b + int(getattr(mem, "generated_code_size_in_bytes", 0))
-    hbm = hbm_bytes(topology)
     tokens = tcfg.batch_size * tcfg.seq_len
     return {
         "config": model_cfg.name, "topology": topology, "devices": len(devices), "mesh": dict(mesh.shape),
         "remat": model_cfg.remat, "batch_size": tcfg.batch_size, "seq_len": tcfg.seq_len,
-        "compile_s": round(compile_s, 2), "per_device_bytes": total, "hbm_bytes_per_device": hbm,
+        "grad_accum": tcfg.optimizer.grad_accum, "compile_s": round(compile_s, 2), "per_device_bytes": total, "hbm_bytes_per_device": hbm,
         "fits": total <= hbm, "params_bytes": params_b, "optimizer_state_bytes": opt_b,
         "argument_bytes": args_b, "temp_bytes": temp_b, "output_bytes": out_b, "alias_bytes": alias_b,
         "xla_estimate_flops_per_device": float(cost.get("flops", 0.0)),
@@ -141,6 +165,9 @@ def aot_main(argv) -> int:
         print(f"  {name:<40} {_gib(b):>14}")
     print(f"  fits: {'yes' if r['fits'] else 'NO'} ({100 * r['per_device_bytes'] / r['hbm_bytes_per_device']:.0f}%"
           f" of HBM)")
+    if "xla_error" in r:
+        print(f"  XLA:TPU refused the program: {r['xla_error']}")
+        return 0
     print(f"  XLA cost-model estimate per device: {r['xla_estimate_flops_per_device'] / 1e12:,.1f} TFLOP, "
           f"{r['xla_estimate_bytes_accessed_per_device'] / 2 ** 30:,.1f} GiB accessed (estimate, not a measurement)")
     return 0

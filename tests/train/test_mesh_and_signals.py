@@ -73,3 +73,27 @@ def test_sigterm_saves_and_the_next_run_resumes(micro, tmp_path):
     resumed = train(load_train_config(None, {**micro, "run_dir": str(run_dir), "steps": summary["step"] + 2,
                                               "sample_tokens": 0}))
     assert resumed["start_step"] == summary["step"] and resumed["status"] == "completed"
+
+
+def test_sigkill_mid_run_resumes_from_the_last_complete_checkpoint(micro, tmp_path):
+    run_dir = tmp_path / "kill"
+    args = [f"{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in micro.items()]
+    args += [f"run_dir={run_dir}", "steps=100000", "checkpoint_every=2", "eval_every=100000"]
+    proc = subprocess.Popen([sys.executable, "-m", "qwen35_jax.cli", "train", *args],
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    ckpts = run_dir / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if ckpts.exists() and len([p for p in ckpts.iterdir() if p.name.isdigit()]) >= 2:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    proc.kill()  # SIGKILL: no handler runs, an async save may be half written
+    proc.wait(timeout=60)
+    newest = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+    resumed = train(load_train_config(None, {**micro, "run_dir": str(run_dir), "steps": newest + 3,
+                                              "checkpoint_every": 2, "eval_every": 100000, "sample_tokens": 0}))
+    # the newest complete checkpoint (orbax commits a step directory atomically; a half-written save is ignored)
+    assert resumed["start_step"] in (newest, newest - 2) and resumed["start_step"] >= 2
+    assert resumed["status"] == "completed" and resumed["step"] == newest + 3
