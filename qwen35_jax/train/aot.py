@@ -31,7 +31,7 @@ def tpu_env() -> None:
     """Quiet libtpu's metadata probing on a host with no TPU attached (harmless, but noisy)."""
     if not any(d.platform == "tpu" for d in _local_devices()):
         for k, v in {"TPU_ACCELERATOR_TYPE": "v5litepod-4", "TPU_WORKER_HOSTNAMES": "localhost",
-                     "TPU_SKIP_MDS_QUERY": "1"}.items():
+                     "TPU_SKIP_MDS_QUERY": "1", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}.items():
             os.environ.setdefault(k, v)
 
 
