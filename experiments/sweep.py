@@ -13,9 +13,10 @@ import difflib
 import re
 from pathlib import Path
 
-import yaml
 
-from qwen35_jax.config import CONFIG_DIR, ConfigError, ModelConfig, load_config, parse_overrides, to_dict
+from qwen35_jax.config import (CONFIG_DIR, ConfigError, ModelConfig, load_config, parse_overrides, read_yaml_mapping,
+                               to_dict)
+from qwen35_jax.train.config import set_dotted
 
 SWEEP_DIR = CONFIG_DIR / "ablate"
 TASKS = ("mqar", "lm")
@@ -78,26 +79,11 @@ def resolve_path(config: str) -> Path:
     return path
 
 
-def _set_dotted(data: dict, key: str, value) -> None:
-    node = data
-    parts = key.split(".")
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {key}: {p!r} is not a mapping")
-    node[parts[-1]] = value
-
-
 def load_sweep(config: str, overrides=()) -> Sweep:
     path = resolve_path(config)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sweep keys, got {type(data).__name__}")
+    data = read_yaml_mapping(path, "sweep keys")
     for k, v in parse_overrides(overrides).items():
-        _set_dotted(data, k, v)
+        set_dotted(data, k, v)
     return build_sweep(data, where=str(path))
 
 

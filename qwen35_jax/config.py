@@ -269,6 +269,17 @@ def parse_overrides(items) -> dict[str, Any]:
     return out
 
 
+def read_yaml_mapping(path: Path, what: str) -> dict:
+    """A YAML file that must hold a mapping (an empty file is {}); bad YAML or another type is a one-line error."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of {what}, got {type(data).__name__}")
+    return data
+
+
 def load_config(name_or_path: str | dict | ModelConfig = "tiny", **overrides) -> ModelConfig:
     """A preset name (`configs/model/NAME.yaml`), a YAML path, a mapping or a config, plus overrides."""
     if isinstance(name_or_path, ModelConfig):
@@ -285,12 +296,7 @@ def load_config(name_or_path: str | dict | ModelConfig = "tiny", **overrides) ->
             )
     if not path.exists():
         raise ConfigError(f"model config file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of model keys, got {type(data).__name__}")
+    data = read_yaml_mapping(path, "model keys")
     data.setdefault("name", path.stem)
     return from_dict({**data, **overrides}, source=str(path))
 

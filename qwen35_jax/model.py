@@ -172,13 +172,13 @@ def module_for(cfg: ModelConfig) -> Qwen35:
     return Qwen35(cfg)
 
 
-def default_inputs(tokens_BT, segment_ids_BT=None, positions_BT=None):
-    """Segment ids default to one document per row (1s); positions to 0..T-1."""
+def default_inputs(tokens_BT, segment_ids_BT=None, positions_BT=None, start=0):
+    """Segment ids default to one document per row (1s); positions to start..start+T-1 (start: a cache index)."""
     B, T = tokens_BT.shape
     if segment_ids_BT is None:
         segment_ids_BT = jnp.ones((B, T), jnp.int32)
     if positions_BT is None:
-        positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        positions_BT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
     return jnp.asarray(segment_ids_BT, jnp.int32), jnp.asarray(positions_BT, jnp.int32)
 
 
@@ -244,15 +244,10 @@ def forward_cached(cfg: ModelConfig, params, tokens, cache, *, segment_ids=None,
     """
     check_tokens(cfg, tokens)
     tokens = jnp.asarray(tokens, jnp.int32)
-    B, T = tokens.shape
     index = cache["index"]
-    if segment_ids is None:
-        segment_ids = jnp.ones((B, T), jnp.int32)
-    if positions is None:
-        positions = jnp.broadcast_to(index + jnp.arange(T, dtype=jnp.int32), (B, T))
-    logits, aux = module_for(cfg).apply({"params": params}, tokens, jnp.asarray(segment_ids, jnp.int32),
-                                        jnp.asarray(positions, jnp.int32), cache["layers"], index)
-    new_cache = {"index": index + T, "layers": aux["cache"]}
+    seg, pos = default_inputs(tokens, segment_ids, positions, start=index)
+    logits, aux = module_for(cfg).apply({"params": params}, tokens, seg, pos, cache["layers"], index)
+    new_cache = {"index": index + tokens.shape[1], "layers": aux["cache"]}
     return logits, aux["hidden"], new_cache
 
 
@@ -268,16 +263,11 @@ def mtp_forward_cached(cfg: ModelConfig, params, hidden, next_tokens, cache, *, 
     """The MTP head on top of its cache: position t takes the main model's hidden state h_t `hidden [B, T, D]` and
     token t+1 `next_tokens [B, T]`. Returns (logits for token t+2 [B, T, V], MTP hidden [B, T, D], new cache)."""
     next_tokens = jnp.asarray(next_tokens, jnp.int32)
-    B, T = next_tokens.shape
     index = cache["index"]
-    if segment_ids is None:
-        segment_ids = jnp.ones((B, T), jnp.int32)
-    if positions is None:
-        positions = jnp.broadcast_to(index + jnp.arange(T, dtype=jnp.int32), (B, T))
-    logits, u, _, layer = module_for(cfg).apply(
-        {"params": params}, hidden, next_tokens, jnp.asarray(segment_ids, jnp.int32),
-        jnp.asarray(positions, jnp.int32), cache["layer"], index, method="mtp_logits")
-    return logits, u, {"index": index + T, "layer": layer}
+    seg, pos = default_inputs(next_tokens, segment_ids, positions, start=index)
+    logits, u, _, layer = module_for(cfg).apply({"params": params}, hidden, next_tokens, seg, pos, cache["layer"],
+                                                index, method="mtp_logits")
+    return logits, u, {"index": index + next_tokens.shape[1], "layer": layer}
 
 
 def cache_bytes(cfg: ModelConfig, batch: int, context: int, dtype=None) -> dict:

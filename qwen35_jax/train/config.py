@@ -10,9 +10,8 @@ import difflib
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from qwen35_jax.config import CONFIG_DIR, ConfigError, ModelConfig, load_config, parse_overrides
+from qwen35_jax.config import (CONFIG_DIR, ConfigError, ModelConfig, load_config, parse_overrides,
+                               read_yaml_mapping)
 
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}
 
@@ -116,7 +115,7 @@ def _build(cls, data: dict, where: str):
     return cls(**kwargs)
 
 
-def _set_dotted(d: dict, key: str, value):
+def set_dotted(d: dict, key: str, value):
     parts = key.split(".")
     node = d
     for p in parts[:-1]:
@@ -146,16 +145,11 @@ def load_train_config(config: str | None = None, overrides=()) -> TrainConfig:
     data: dict = {}
     path = resolve_path(config)
     if path is not None:
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of training keys")
+        data = read_yaml_mapping(path, "training keys")
     for k, v in parse_overrides(overrides if isinstance(overrides, dict) else list(overrides)).items():
         if k.startswith("model.") and isinstance(data.get("model", "tiny"), str):
             data["model"] = {"base": data.get("model", "tiny")}
-        _set_dotted(data, k, v)
+        set_dotted(data, k, v)
     model = data.get("model", "tiny")
     if isinstance(model, dict):  # a mapping may name a base preset and override keys of it
         model = dict(model)
