@@ -1,7 +1,8 @@
 """The gated delta rule (Gated DeltaNet), with the API of flash-linear-attention's `chunk_gated_delta_rule`.
 
 Implementations (`impl`): "recurrent" (per-token scan: the reference and the decode path), "xla" (chunked
-jax.numpy: the portable fast path for CPU and GPU), "pallas" (Mosaic TPU kernel), "auto" (pallas on TPU, else xla).
+jax.numpy: the portable fast path for CPU and GPU), "pallas" (fused Mosaic TPU kernels, forward and backward;
+interpret mode off TPU), "auto" (pallas on TPU, else xla).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import jax
 
 from .chunked import chunked_gated_delta_rule
+from .pallas_tpu import pallas_gated_delta_rule
 from .reference import gated_delta_rule_step, recurrent_gated_delta_rule
 
 IMPLS = ("auto", "recurrent", "xla", "pallas")
@@ -58,13 +60,12 @@ def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, 
     if impl == "recurrent":
         return recurrent_gated_delta_rule(q, k, v, g, beta, **kwargs)
     if impl == "pallas":
-        try:
-            from .pallas_tpu import pallas_gated_delta_rule
-        except ImportError as e:
-            raise NotImplementedError(f"the Pallas TPU gated delta rule is not available ({e}); use impl='xla'")
+        if chunk_size < 16:
+            raise ValueError(f"impl='pallas' needs chunk_size >= 16 (a [chunk, d] block must fill whole bf16 "
+                             f"sublane tiles); got {chunk_size}")
         return pallas_gated_delta_rule(q, k, v, g, beta, chunk_size=chunk_size, interpret=interpret, **kwargs)
     return chunked_gated_delta_rule(q, k, v, g, beta, chunk_size=chunk_size, **kwargs)
 
 
 __all__ = ["chunk_gated_delta_rule", "recurrent_gated_delta_rule", "gated_delta_rule_step",
-           "chunked_gated_delta_rule"]
+           "chunked_gated_delta_rule", "pallas_gated_delta_rule"]

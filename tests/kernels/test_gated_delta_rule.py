@@ -11,7 +11,7 @@ from pallas_kernels import chunk_gated_delta_rule, gated_delta_rule_step
 from pallas_kernels.gated_delta_rule import recurrent_gated_delta_rule
 from pallas_kernels.gated_delta_rule.chunked import unit_lower_inverse
 
-IMPLS = ["recurrent", "xla"]
+IMPLS = ["recurrent", "xla", "pallas"]
 NAMES = ["q", "k", "v", "g", "beta", "initial_state"]
 
 
@@ -158,5 +158,57 @@ def test_bad_inputs_name_the_tensor():
         chunk_gated_delta_rule(q, k, v, g, beta, impl="cuda")
     with pytest.raises(ValueError, match=r"chunk_size must be a power of two"):
         chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=48)
-    with pytest.raises(NotImplementedError, match=r"impl='xla'"):
-        chunk_gated_delta_rule(q, k, v, g, beta, impl="pallas")
+    with pytest.raises(ValueError, match=r"impl='pallas' needs chunk_size >= 16"):
+        chunk_gated_delta_rule(q, k, v, g, beta, impl="pallas", chunk_size=8)
+
+
+def test_pallas_lane_dense_layout_at_head_dim_128():
+    """d = 128 takes the no-transpose [B, T, H * d] layout (the TPU one); values and gradients against float64."""
+    T, Hv = 40, 2
+    args = make_inputs(1, T, 1, Hv, 128, 128, seed=6)
+    rng = np.random.default_rng(7)
+    w_o, w_s = rng.normal(size=(1, T, Hv, 128)), rng.normal(size=(1, Hv, 128, 128))
+    seg = packed_segments(1, T)
+    with jax.enable_x64(True):
+        f64 = jax.jit(jax.grad(loss_fn(recurrent_gated_delta_rule, seg, w_o, w_s), argnums=range(6), has_aux=True))
+        want, (o_want, s_want) = f64(*[jnp.asarray(x, jnp.float64) for x in args])
+        want, o_want, s_want = [np.asarray(x) for x in want], np.asarray(o_want), np.asarray(s_want)
+    fn = functools.partial(chunk_gated_delta_rule, impl="pallas", chunk_size=16)
+    f = jax.jit(jax.grad(loss_fn(fn, seg, w_o, w_s), argnums=range(6), has_aux=True))
+    got, (o, s) = f(*[jnp.asarray(x, jnp.float32) for x in args])
+    close(o, o_want, 2e-5, "o")
+    close(s, s_want, 2e-5, "final_state")
+    for name, a, b in zip(NAMES, got, want):
+        close(a, b, 1e-4, f"d{name}")
+
+
+def test_pallas_forward_and_backward_compile_for_tpu():
+    """Real Mosaic + XLA:TPU compile (no TPU needed) at the Qwen3-Next GDN shape (16 key / 32 value heads, d 128)."""
+    pytest.importorskip("libtpu", reason="libtpu (jax[tpu]) is needed to compile for TPU on a CPU host")
+    from jax.experimental import topologies
+
+    topo = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2", chip_config_name="default",
+                                        chips_per_host_bounds=(2, 2, 1), num_slices=1)
+    one = jax.sharding.SingleDeviceSharding(topo.devices[0])
+    B, T, Hk, Hv, d = 1, 4096, 16, 32, 128
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=one)  # noqa: E731
+    args = (spec((B, T, Hk, d), jnp.bfloat16), spec((B, T, Hk, d), jnp.bfloat16), spec((B, T, Hv, d), jnp.bfloat16),
+            spec((B, T, Hv), jnp.float32), spec((B, T, Hv), jnp.bfloat16), spec((B, Hv, d, d), jnp.float32),
+            spec((B, T), jnp.int32))
+
+    def fwd(q, k, v, g, beta, s0, seg):
+        return chunk_gated_delta_rule(q, k, v, g, beta, initial_state=s0, segment_ids=seg, use_qk_l2norm=True,
+                                      output_final_state=True, impl="pallas", interpret=False)
+
+    def bwd(*a):
+        loss = lambda *b: jnp.sum(fwd(*b, a[-1])[0].astype(jnp.float32))  # noqa: E731
+        return jax.grad(loss, argnums=range(6))(*a[:-1])
+
+    compiled = jax.jit(fwd).lower(*args).compile()
+    assert "tpu_custom_call" in compiled.as_text()
+    assert compiled.memory_analysis().output_size_in_bytes >= B * T * Hv * d * 2 + B * Hv * d * d * 4
+    compiled = jax.jit(bwd).lower(*args).compile()
+    assert compiled.as_text().count("tpu_custom_call") >= 2  # the chunk-state pass and the backward kernel
+    # the backward stores one fp32 state per chunk (plus fp32 gradients), never per-token states
+    temps = compiled.memory_analysis().temp_size_in_bytes
+    assert temps < B * Hv * (T // 64) * d * d * 4 * 3, temps
