@@ -156,6 +156,48 @@ def constrain(x, logical: Sequence[str | None]):
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec_for(logical, x.shape, mesh, rules)))
 
 
+def _shard_map(f, mesh: Mesh, in_specs, out_specs):
+    """`jax.shard_map` (or the older experimental one), replication checks off: Pallas calls inside cannot be
+    checked, and the expert-parallel dispatch's outputs are correct by construction."""
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    from jax.experimental.shard_map import shard_map
+
+    return shard_map(f, mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+
+
+def _expert_axes(num_experts: int):
+    """Mesh axes the routed experts are split over under the active mesh (None: not split)."""
+    if not _ACTIVE:
+        return None
+    mesh, rules = _ACTIVE[-1]
+    return spec_for(("expert",), (num_experts,), mesh, rules)[0]
+
+
+def expert_parallel_size(num_experts: int) -> int:
+    """How many shards the routed experts are split over under the active mesh (1: the MoE is one program)."""
+    axes = _expert_axes(num_experts)
+    if axes is None:
+        return 1
+    mesh, _ = _ACTIVE[-1]
+    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
+def shard_experts(local_fn, x_ND, weights_NK, experts_NK, w_gate_up_EDF2, w_down_EFD):
+    """Expert parallelism: `local_fn(x, weights, experts, w_gate_up, w_down, axis_name=...)` runs once per device
+    under `shard_map`, on the device's tokens (split over the `batch` mesh axes as far as N divides) and its experts'
+    weights (split over the `expert` axes; the fsdp/tensor shards of each expert are gathered on entry, and their
+    gradients reduced on exit, by shard_map's transpose). Returns [N, D] sharded like the tokens."""
+    mesh, rules = _ACTIVE[-1]
+    E = w_gate_up_EDF2.shape[0]
+    axes = _expert_axes(E)
+    tokens = spec_for(("batch", None), x_ND.shape, mesh, rules)
+    experts = P(axes, None, None)
+    f = _shard_map(lambda *a: local_fn(*a, axis_name=axes), mesh, in_specs=(tokens, tokens, tokens, experts, experts),
+                   out_specs=tokens)
+    return f(x_ND, weights_NK, experts_NK, w_gate_up_EDF2, w_down_EFD)
+
+
 def process_batch_slice(global_batch: int) -> tuple[int, int]:
     """(start, size) of this process's rows of the global batch."""
     n, i = jax.process_count(), jax.process_index()

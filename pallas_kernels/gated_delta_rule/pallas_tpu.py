@@ -78,52 +78,55 @@ def _l2norm(x, on: bool):
     return x * r, r
 
 
-class _Chunk:
-    """Everything the forward and the backward recompute for one chunk (all fp32)."""
+class _Keys:
+    """The key-head part of a chunk, shared by the r value heads that read it (all fp32)."""
 
-    def __init__(self, q_ref, k_ref, v_ref, gam_ref, beta_ref, doc_ref, n, *, scale, l2norm):
+    def __init__(self, q_ref, k_ref, *, scale, l2norm):
         q_raw = q_ref[...].astype(jnp.float32)
         k_raw = k_ref[...].astype(jnp.float32)
-        C = q_raw.shape[0]
+        self.C = C = q_raw.shape[0]
         self.ii, self.jj = _iota(C)
         self.eye = self.ii == self.jj
-        gam_r = gam_ref[pl.ds(n, 1), :]                          # [1, C] in-chunk cumulative log decay
-        beta_r = beta_ref[pl.ds(n, 1), :]
-        doc_r = doc_ref[pl.ds(n, 1), :]                          # chunk-local document number, 0 = incoming doc
-        gam_c, beta_c, doc_c = _col(gam_r, self.eye), _col(beta_r, self.eye), _col(doc_r, self.eye)
-        q_hat, self.rq = _l2norm(q_raw, l2norm)
-        k, self.rk = _l2norm(k_raw, l2norm)
-        self.q_raw, self.k_raw, self.q_hat = q_raw, k_raw, q_hat
-        self.q, self.k, self.v = q_hat * scale, k, v_ref[...].astype(jnp.float32)
-        self.gam_c, self.gam_r, self.beta_c, self.beta_r = gam_c, gam_r, beta_c, beta_r
-        self.M = (doc_c == doc_r) & (self.ii >= self.jj)         # same document, causal (diagonal included)
-        self.Ms = self.M & ~self.eye
+        self.q_hat, self.rq = _l2norm(q_raw, l2norm)
+        self.k, self.rk = _l2norm(k_raw, l2norm)
+        self.q = self.q_hat * scale
+        self.KK = _dot(self.k, self.k, _NT)
+        self.QK = _dot(self.q, self.k, _NT)
+
+
+class _Head:
+    """One value head's part of a chunk: decay, WY factors (all fp32), recomputed by forward and backward."""
+
+    def __init__(self, keys, v, gam_r, beta_r, doc_r):
+        C, eye = keys.C, keys.eye
+        self.v = v.astype(jnp.float32)
+        gam_c, beta_c, doc_c = _col(gam_r, eye), _col(beta_r, eye), _col(doc_r, eye)
+        self.beta_c = beta_c
+        self.M = (doc_c == doc_r) & (keys.ii >= keys.jj)         # same document, causal (diagonal included)
+        self.Ms = self.M & ~eye
         self.D = jnp.where(self.M, jnp.exp(jnp.where(self.M, gam_c - gam_r, 0.0)), 0.0)
         gam_L, doc_L = gam_r[:, C - 1:], doc_r[:, C - 1:]        # [1, 1]
         self.e_c = jnp.exp(gam_c) * (doc_c == 0)                 # decay from the chunk start, incoming doc only
         self.f_c = jnp.exp(gam_L - gam_c) * (doc_c == doc_L)     # decay to the chunk end, last doc only
         self.s_dec = jnp.exp(gam_L) * (doc_L == 0)               # [1, 1] decay of the incoming state
-        self.KK = _dot(self.k, self.k, _NT)
-        self.B = jnp.where(self.Ms, self.KK * self.D, 0.0)
-        self.Tinv = _unit_lower_inverse(self.B * beta_c, self.ii, self.jj)
+        self.B = jnp.where(self.Ms, keys.KK * self.D, 0.0)
+        self.Tinv = _unit_lower_inverse(self.B * beta_c, keys.ii, keys.jj)
         self.vb = self.v * beta_c
-        self.kw = self.k * (beta_c * self.e_c)
+        self.kw = keys.k * (beta_c * self.e_c)
         self.U = _dot(self.Tinv, self.vb)
         self.W = _dot(self.Tinv, self.kw)
-        self.QK = _dot(self.q, self.k, _NT)
-        self.P = self.QK * self.D
+        self.P = keys.QK * self.D
 
-    def forward(self, S):
-        """(Vnew, output, next state) from the chunk-start state S [dk, dv]."""
-        Vn = self.U - _dot(self.W, S)
-        O = _dot(self.q * self.e_c, S) + _dot(self.P, Vn)
-        S_next = self.s_dec * S + _dot(self.k * self.f_c, Vn, _TN)
-        return Vn, O, S_next
+
+def _scalars(gam_ref, beta_ref, doc_ref, j, n):
+    """[1, C] rows of value head j, chunk n: in-chunk cumulative log decay, beta, chunk-local document number."""
+    return gam_ref[j, pl.ds(n, 1), :], beta_ref[j, pl.ds(n, 1), :], doc_ref[pl.ds(n, 1), :]
 
 
 # ----------------------------------------------------------------------------------------------------- kernels
-def _forward_kernel(q_ref, k_ref, v_ref, gam_ref, beta_ref, doc_ref, s0_ref, *refs, scale, l2norm, emit):
-    """emit "output": o and the final state; emit "states": the chunk-start state of every chunk."""
+def _forward_kernel(q_ref, k_ref, v_ref, gam_ref, beta_ref, doc_ref, s0_ref, *refs, scale, l2norm, emit, r, lv):
+    """One chunk of one key head and its r value heads. emit "output": o and the final state; "states": the
+    chunk-start state of every chunk (the backward's only stored intermediate)."""
     if emit == "output":
         o_ref, sT_ref, S_scr = refs
     else:
@@ -134,22 +137,25 @@ def _forward_kernel(q_ref, k_ref, v_ref, gam_ref, beta_ref, doc_ref, s0_ref, *re
     def _init():
         S_scr[...] = s0_ref[...].astype(jnp.float32)
 
-    ch = _Chunk(q_ref, k_ref, v_ref, gam_ref, beta_ref, doc_ref, n, scale=scale, l2norm=l2norm)
-    S = S_scr[...]
-    _, O, S_next = ch.forward(S)
-    S_scr[...] = S_next
-    if emit == "output":
-        o_ref[...] = O.astype(o_ref.dtype)
+    keys = _Keys(q_ref, k_ref, scale=scale, l2norm=l2norm)
+    for j in range(r):
+        hd = _Head(keys, lv.get(v_ref, j), *_scalars(gam_ref, beta_ref, doc_ref, j, n))
+        S = S_scr[j]
+        Vn = hd.U - _dot(hd.W, S)
+        S_next = hd.s_dec * S + _dot(keys.k * hd.f_c, Vn, _TN)
+        S_scr[j] = S_next
+        if emit == "output":
+            lv.set(o_ref, j, (_dot(keys.q * hd.e_c, S) + _dot(hd.P, Vn)).astype(o_ref.dtype))
 
-        @pl.when(n == pl.num_programs(2) - 1)
-        def _final():
-            sT_ref[...] = S_next
-    else:
-        states_ref[...] = S
+            @pl.when(n == pl.num_programs(2) - 1)
+            def _final():
+                sT_ref[j] = S_next  # noqa: B023
+        else:
+            states_ref[j] = S
 
 
 def _backward_kernel(q_ref, k_ref, v_ref, gam_ref, beta_ref, doc_ref, states_ref, do_ref, dsT_ref,
-                     dq_ref, dk_ref, dv_ref, dgam_ref, dbeta_ref, ds0_ref, dS_scr, *, scale, l2norm):
+                     dq_ref, dk_ref, dv_ref, dgam_ref, dbeta_ref, ds0_ref, dS_scr, *, scale, l2norm, r, lv):
     i, N = pl.program_id(2), pl.num_programs(2)
     n = N - 1 - i
 
@@ -157,65 +163,69 @@ def _backward_kernel(q_ref, k_ref, v_ref, gam_ref, beta_ref, doc_ref, states_ref
     def _init():
         dS_scr[...] = dsT_ref[...].astype(jnp.float32)
 
-    ch = _Chunk(q_ref, k_ref, v_ref, gam_ref, beta_ref, doc_ref, n, scale=scale, l2norm=l2norm)
-    S, dS_next, dO = states_ref[...], dS_scr[...], do_ref[...].astype(jnp.float32)
-    Vn = ch.U - _dot(ch.W, S)
-    Kd = ch.k * ch.f_c
-    Qd = ch.q * ch.e_c
-    dVn = _dot(ch.P, dO, _TN) + _dot(Kd, dS_next)                 # O = P Vn; S' = Kd^T Vn
-    dP = _dot(dO, Vn, _NT)
-    dQd = _dot(dO, S, _NT)
-    dKd = _dot(Vn, dS_next, _NT)
-    dS = _dot(Qd, dO, _TN) - _dot(ch.W, dVn, _TN) + ch.s_dec * dS_next
-    dW = -_dot(dVn, S, _NT)
-    dvb = _dot(ch.Tinv, dVn, _TN)                                 # U = Tinv vb; W = Tinv kw
-    dkw = _dot(ch.Tinv, dW, _TN)
-    dTinv = _dot(dVn, ch.vb, _NT) + _dot(dW, ch.kw, _NT)
-    dA = -_dot(_dot(ch.Tinv, dTinv, _TN), ch.Tinv, _NT)           # Tinv = (I + A)^-1
-    dA = jnp.where(ch.Ms, dA, 0.0)
-    dbeta_c = jnp.sum(dA * ch.B, axis=1, keepdims=True)           # A = diag(beta) B
-    dB = dA * ch.beta_c
-    dKK = dB * ch.D
-    dD = dB * ch.KK + dP * ch.QK
-    dQK = dP * ch.D
-    dq = _dot(dQK, ch.k) + ch.e_c * dQd
-    dk = _dot(dQK, ch.q, _TN) + _dot(dKK, ch.k) + _dot(dKK, ch.k, _TN) + (ch.beta_c * ch.e_c) * dkw + ch.f_c * dKd
-    dv = ch.beta_c * dvb
-    dbeta_c = dbeta_c + jnp.sum(dvb * ch.v, axis=1, keepdims=True) + ch.e_c * jnp.sum(dkw * ch.k, axis=1,
-                                                                                       keepdims=True)
-    # gamma: through e (chunk start decay), f (chunk end decay), the state decay and the decay matrix D
-    de_c = jnp.sum(dQd * ch.q, axis=1, keepdims=True) + ch.beta_c * jnp.sum(dkw * ch.k, axis=1, keepdims=True)
-    df_f = jnp.sum(dKd * ch.k, axis=1, keepdims=True) * ch.f_c
-    Z = jnp.where(ch.M, dD * ch.D, 0.0)
-    dgam_c = de_c * ch.e_c - df_f + jnp.sum(Z, axis=1, keepdims=True) - _col(jnp.sum(Z, axis=0, keepdims=True),
-                                                                            ch.eye)
-    dlast = jnp.sum(df_f, axis=0, keepdims=True) + ch.s_dec * jnp.sum(jnp.sum(S * dS_next, axis=1, keepdims=True),
-                                                                        axis=0, keepdims=True)
-    C = dgam_c.shape[0]
-    dgam_c = dgam_c + jnp.where(jax.lax.broadcasted_iota(jnp.int32, (C, 1), 0) == C - 1, dlast, 0.0)
+    keys = _Keys(q_ref, k_ref, scale=scale, l2norm=l2norm)
+    k = keys.k
+    dq = jnp.zeros_like(keys.q)
+    dk = jnp.zeros_like(k)
+    for j in range(r):
+        hd = _Head(keys, lv.get(v_ref, j), *_scalars(gam_ref, beta_ref, doc_ref, j, n))
+        S, dS_next, dO = states_ref[j], dS_scr[j], lv.get(do_ref, j).astype(jnp.float32)
+        Vn = hd.U - _dot(hd.W, S)
+        Kd, Qd = k * hd.f_c, keys.q * hd.e_c
+        dVn = _dot(hd.P, dO, _TN) + _dot(Kd, dS_next)            # O = Qd S + P Vn; S' = s_dec S + Kd^T Vn
+        dP = _dot(dO, Vn, _NT)
+        dQd = _dot(dO, S, _NT)
+        dKd = _dot(Vn, dS_next, _NT)
+        dS_scr[j] = _dot(Qd, dO, _TN) - _dot(hd.W, dVn, _TN) + hd.s_dec * dS_next   # Vn = U - W S
+        dW = -_dot(dVn, S, _NT)
+        dvb = _dot(hd.Tinv, dVn, _TN)                              # U = Tinv vb; W = Tinv kw
+        dkw = _dot(hd.Tinv, dW, _TN)
+        dTinv = _dot(dVn, hd.vb, _NT) + _dot(dW, hd.kw, _NT)
+        dA = jnp.where(hd.Ms, -_dot(_dot(hd.Tinv, dTinv, _TN), hd.Tinv, _NT), 0.0)   # Tinv = (I + A)^-1
+        dB = dA * hd.beta_c                                        # A = diag(beta) B, B = Ms * KK * D
+        dKK = dB * hd.D
+        dD = dB * keys.KK + dP * keys.QK                           # P = QK * D
+        dQK = dP * hd.D
+        dq = dq + _dot(dQK, k) + hd.e_c * dQd
+        dk = (dk + _dot(dQK, keys.q, _TN) + _dot(dKK, k) + _dot(dKK, k, _TN) + (hd.beta_c * hd.e_c) * dkw
+              + hd.f_c * dKd)
+        lv.set(dv_ref, j, (hd.beta_c * dvb).astype(dv_ref.dtype))
+        kdkw = jnp.sum(dkw * k, axis=1, keepdims=True)
+        dbeta_c = (jnp.sum(dA * hd.B, axis=1, keepdims=True) + jnp.sum(dvb * hd.v, axis=1, keepdims=True)
+                   + hd.e_c * kdkw)
+        # gamma reaches e (decay from the chunk start), f (to the chunk end), the state decay and D
+        de_e = (jnp.sum(dQd * keys.q, axis=1, keepdims=True) + hd.beta_c * kdkw) * hd.e_c
+        df_f = jnp.sum(dKd * k, axis=1, keepdims=True) * hd.f_c
+        Z = jnp.where(hd.M, dD * hd.D, 0.0)
+        dgam_c = de_e - df_f + jnp.sum(Z, axis=1, keepdims=True) - _col(jnp.sum(Z, axis=0, keepdims=True), keys.eye)
+        dlast = jnp.sum(df_f, axis=0, keepdims=True) + hd.s_dec * jnp.sum(
+            jnp.sum(S * dS_next, axis=1, keepdims=True), axis=0, keepdims=True)
+        dgam_r = _row(dgam_c, keys.eye)
+        dgam_ref[j, pl.ds(n, 1), :] = dgam_r + jnp.where(keys.jj[:1] == keys.C - 1, dlast, 0.0)
+        dbeta_ref[j, pl.ds(n, 1), :] = _row(dbeta_c, keys.eye)
+
+        @pl.when(i == N - 1)
+        def _final():
+            ds0_ref[j] = dS_scr[j]  # noqa: B023
     # q = scale * l2norm(q_raw), k = l2norm(k_raw): dx = r (dx_hat - x_hat (x_hat . dx_hat))
     dq = dq * scale
     if l2norm:
-        dq = ch.rq * (dq - ch.q_hat * jnp.sum(ch.q_hat * dq, axis=1, keepdims=True))
-        dk = ch.rk * (dk - ch.k * jnp.sum(ch.k * dk, axis=1, keepdims=True))
+        dq = keys.rq * (dq - keys.q_hat * jnp.sum(keys.q_hat * dq, axis=1, keepdims=True))
+        dk = keys.rk * (dk - k * jnp.sum(k * dk, axis=1, keepdims=True))
     dq_ref[...] = dq.astype(dq_ref.dtype)
     dk_ref[...] = dk.astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
-    dgam_ref[pl.ds(n, 1), :] = _row(dgam_c, ch.eye)
-    dbeta_ref[pl.ds(n, 1), :] = _row(dbeta_c, ch.eye)
-    dS_scr[...] = dS
-
-    @pl.when(i == N - 1)
-    def _final():
-        ds0_ref[...] = dS
 
 
 # ------------------------------------------------------------------------------------------------- pallas calls
 class _Layout:
-    """How a [B, T, H, d] tensor is presented to the kernels, and its block for (batch row, head, chunk)."""
+    """How a [B, T, H, d] tensor is presented to the kernels; a block holds `heads` consecutive heads of one chunk.
 
-    def __init__(self, d: int, C: int, lane_dense: bool):
-        self.d, self.C, self.lane_dense = d, C, lane_dense
+    Lane-dense (d a multiple of 128): [B, T, H * d] as is, block [C, heads * d], head j at lanes j*d:(j+1)*d.
+    Otherwise head-major [B, H, T, d] (one transpose), block [heads, C, d].
+    """
+
+    def __init__(self, d: int, C: int, heads: int):
+        self.d, self.C, self.heads, self.lane_dense = d, C, heads, d % 128 == 0
 
     def to_kernel(self, x):
         B, T, H, d = x.shape
@@ -229,28 +239,52 @@ class _Layout:
     def shape(self, B, T, H):
         return (B, T, H * self.d) if self.lane_dense else (B, H, T, self.d)
 
-    def spec(self, head, chunk):
+    def spec(self, chunk):
         if self.lane_dense:
-            return pl.BlockSpec((None, self.C, self.d), lambda b, h, n: (b, chunk(n), head(h)))
-        return pl.BlockSpec((None, None, self.C, self.d), lambda b, h, n: (b, head(h), chunk(n), 0))
+            return pl.BlockSpec((None, self.C, self.heads * self.d), lambda b, h, n: (b, chunk(n), h))
+        heads = None if self.heads == 1 else self.heads  # one head: squeezed, the kernel sees [C, d]
+        return pl.BlockSpec((None, heads, self.C, self.d), lambda b, h, n: (b, h, chunk(n), 0))
+
+    def get(self, ref, j):
+        if self.heads == 1:
+            return ref[...]
+        return ref[:, j * self.d:(j + 1) * self.d] if self.lane_dense else ref[j]
+
+    def set(self, ref, j, value):
+        if self.heads == 1:
+            ref[...] = value
+        elif self.lane_dense:
+            ref[:, j * self.d:(j + 1) * self.d] = value
+        else:
+            ref[j] = value
 
 
-def _flops_per_chunk(C, dk, dv, backward: bool):
-    inverse = 4 * C ** 3 * max(C.bit_length() - 1, 0)
-    fwd = 2 * C * C * dk * 2 + inverse + 2 * C * C * (dk + dv) + 2 * C * dk * dv * 3 + 2 * C * C * dv
-    # backward: the forward's intra-chunk work again, plus about twice its products and two more inverse-sized ones
-    return fwd + 2 * fwd + 4 * C ** 3 if backward else fwd
+def _flops_per_chunk(C, dk, dv, r, backward: bool):
+    """Per key head and its r value heads (the kernel's own count, matmuls only)."""
+    keys = 2 * C * C * dk * 2                                                   # K K^T, Q K^T
+    inverse = 4 * C ** 3 * max(C.bit_length() - 1, 0)                           # 2 matmuls per doubling level
+    head = inverse + 2 * C * C * (dk + dv) + 2 * C * dk * dv * 3 + 2 * C * C * dv  # W, U, WS, QS, K^T Vn, P Vn
+    if not backward:
+        return keys + r * head
+    # recompute (head without the output products) + 12 [C, d]-sized and 2 inverse-sized products per head
+    return keys + r * (head + 2 * C * (C * (5 * dv + 4 * dk) + 3 * dk * dv) + 4 * C ** 3) + 2 * C * C * dk * 2
 
 
-def _compiler_params(C, dk, dv, N, *, itemsize):
-    blocks = 2 * C * (2 * dk + 2 * dv) * max(itemsize, 4) + 2 * 4 * 5 * N * max(C, 128) + 4 * 4 * dk * dv
-    temps = 40 * 4 * max(C, 128) * max(C, 128) + 16 * 4 * C * max(dk, dv, 128)
-    limit = int(min(max(2 * (blocks + temps), 32 * 1024 * 1024), _VMEM_CAP))
+def _compiler_params(C, dk, dv, N, r):
+    lanes = lambda n: -(-n // 128) * 128  # noqa: E731
+    blocks = 2 * 4 * C * (2 * lanes(dk) + 3 * r * lanes(dv)) + 2 * 4 * (2 * r + 3) * N * lanes(C)
+    states = 4 * 4 * r * dk * lanes(dv)
+    temps = 4 * (40 * C * lanes(C) + 24 * C * lanes(max(dk, dv)))
+    limit = int(min(max(2 * (blocks + states + temps), 32 * 1024 * 1024), _VMEM_CAP))
     return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"), vmem_limit_bytes=limit)
 
 
-def _rows_spec(N, C):
-    return pl.BlockSpec((None, None, N, C), lambda b, h, n: (b, h, 0, 0))
+def _specs(N, C, r, dk, dv, chunk):
+    rows = pl.BlockSpec((None, r, N, C), lambda b, h, n: (b, h, 0, 0))
+    doc = pl.BlockSpec((None, N, C), lambda b, h, n: (b, 0, 0))
+    state = pl.BlockSpec((None, r, dk, dv), lambda b, h, n: (b, h, 0, 0))
+    states = pl.BlockSpec((None, r, None, dk, dv), lambda b, h, n: (b, h, chunk(n), 0, 0))
+    return rows, doc, state, states
 
 
 def _forward_call(q, k, v, gam, beta, doc, s0, cfg, *, emit):
@@ -259,30 +293,27 @@ def _forward_call(q, k, v, gam, beta, doc, s0, cfg, *, emit):
     Hv, dv = v.shape[2:]
     C, r = cfg["C"], Hv // Hk
     N = T // C
-    lk, lv = _Layout(dk, C, dk % 128 == 0), _Layout(dv, C, dv % 128 == 0)
+    lk, lv = _Layout(dk, C, 1), _Layout(dv, C, r)
     fwd = lambda n: n  # noqa: E731
-    key_head = lambda h: jax.lax.div(h, r)  # noqa: E731  (no floor division in Mosaic index maps)
-    in_specs = [lk.spec(key_head, fwd), lk.spec(key_head, fwd), lv.spec(lambda h: h, fwd),
-                _rows_spec(N, C), _rows_spec(N, C), pl.BlockSpec((None, N, C), lambda b, h, n: (b, 0, 0)),
-                pl.BlockSpec((None, None, dk, dv), lambda b, h, n: (b, h, 0, 0))]
+    rows, doc_spec, state, states = _specs(N, C, r, dk, dv, fwd)
+    in_specs = [lk.spec(fwd), lk.spec(fwd), lv.spec(fwd), rows, rows, doc_spec, state]
     if emit == "output":
         out_shape = [jax.ShapeDtypeStruct(lv.shape(B, T, Hv), v.dtype),
                      jax.ShapeDtypeStruct((B, Hv, dk, dv), jnp.float32)]
-        out_specs = [lv.spec(lambda h: h, fwd), pl.BlockSpec((None, None, dk, dv), lambda b, h, n: (b, h, 0, 0))]
-        out_bytes = v.size * v.dtype.itemsize + B * Hv * dk * dv * 4
+        out_specs = [lv.spec(fwd), state]
+        out_bytes = v.nbytes + B * Hv * dk * dv * 4
     else:
         out_shape = [jax.ShapeDtypeStruct((B, Hv, N, dk, dv), jnp.float32)]
-        out_specs = [pl.BlockSpec((None, None, None, dk, dv), lambda b, h, n: (b, h, n, 0, 0))]
+        out_specs = [states]
         out_bytes = B * Hv * N * dk * dv * 4
-    kernel = functools.partial(_forward_kernel, scale=cfg["scale"], l2norm=cfg["l2norm"], emit=emit)
-    in_bytes = r * (q.nbytes + k.nbytes) + v.nbytes + gam.nbytes + beta.nbytes + Hv * doc.nbytes + s0.nbytes
-    cost = pl.CostEstimate(flops=B * Hv * N * _flops_per_chunk(C, dk, dv, False),
+    kernel = functools.partial(_forward_kernel, scale=cfg["scale"], l2norm=cfg["l2norm"], emit=emit, r=r, lv=lv)
+    in_bytes = q.nbytes + k.nbytes + v.nbytes + gam.nbytes + beta.nbytes + doc.nbytes + s0.nbytes
+    cost = pl.CostEstimate(flops=B * Hk * N * _flops_per_chunk(C, dk, dv, r, False),
                            transcendentals=B * Hv * T * (C + 3), bytes_accessed=in_bytes + out_bytes)
     out = pl.pallas_call(
-        kernel, grid=(B, Hv, N), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-        scratch_shapes=[pltpu.VMEM((dk, dv), jnp.float32)],
-        compiler_params=_compiler_params(C, dk, dv, N, itemsize=v.dtype.itemsize),
-        cost_estimate=cost, interpret=cfg["interpret"],
+        kernel, grid=(B, Hk, N), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        scratch_shapes=[pltpu.VMEM((r, dk, dv), jnp.float32)],
+        compiler_params=_compiler_params(C, dk, dv, N, r), cost_estimate=cost, interpret=cfg["interpret"],
     )(lk.to_kernel(q), lk.to_kernel(k), lv.to_kernel(v), gam, beta, doc, s0)
     if emit == "output":
         return lv.from_kernel(out[0], Hv), out[1]
@@ -294,38 +325,26 @@ def _backward_call(q, k, v, gam, beta, doc, states, do, dsT, cfg):
     Hv, dv = v.shape[2:]
     C, r = cfg["C"], Hv // Hk
     N = T // C
-    lk, lv = _Layout(dk, C, dk % 128 == 0), _Layout(dv, C, dv % 128 == 0)
+    lk, lv = _Layout(dk, C, 1), _Layout(dv, C, r)
     rev = lambda n: N - 1 - n  # noqa: E731
-    state_spec = pl.BlockSpec((None, None, dk, dv), lambda b, h, n: (b, h, 0, 0))
-    key_head = lambda h: jax.lax.div(h, r)  # noqa: E731  (no floor division in Mosaic index maps)
-    in_specs = [lk.spec(key_head, rev), lk.spec(key_head, rev), lv.spec(lambda h: h, rev),
-                _rows_spec(N, C), _rows_spec(N, C), pl.BlockSpec((None, N, C), lambda b, h, n: (b, 0, 0)),
-                pl.BlockSpec((None, None, None, dk, dv), lambda b, h, n: (b, h, N - 1 - n, 0, 0)),
-                lv.spec(lambda h: h, rev), state_spec]
-    out_shape = [jax.ShapeDtypeStruct(lk.shape(B, T, Hv), jnp.float32),
-                 jax.ShapeDtypeStruct(lk.shape(B, T, Hv), jnp.float32),
-                 jax.ShapeDtypeStruct(lv.shape(B, T, Hv), jnp.float32),
-                 jax.ShapeDtypeStruct((B, Hv, N, C), jnp.float32),
-                 jax.ShapeDtypeStruct((B, Hv, N, C), jnp.float32),
-                 jax.ShapeDtypeStruct((B, Hv, dk, dv), jnp.float32)]
-    out_specs = [lk.spec(lambda h: h, rev), lk.spec(lambda h: h, rev), lv.spec(lambda h: h, rev),
-                 _rows_spec(N, C), _rows_spec(N, C), state_spec]
-    kernel = functools.partial(_backward_kernel, scale=cfg["scale"], l2norm=cfg["l2norm"])
-    in_bytes = (r * (q.nbytes + k.nbytes) + v.nbytes + gam.nbytes + beta.nbytes + Hv * doc.nbytes + states.nbytes
-                + do.nbytes + dsT.nbytes)
-    out_bytes = 4 * B * T * Hv * (2 * dk + dv) + 8 * gam.size + 4 * B * Hv * dk * dv
-    cost = pl.CostEstimate(flops=B * Hv * N * _flops_per_chunk(C, dk, dv, True),
+    rows, doc_spec, state, states_spec = _specs(N, C, r, dk, dv, rev)
+    in_specs = [lk.spec(rev), lk.spec(rev), lv.spec(rev), rows, rows, doc_spec, states_spec, lv.spec(rev), state]
+    f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+    out_shape = [f32(lk.shape(B, T, Hk)), f32(lk.shape(B, T, Hk)), f32(lv.shape(B, T, Hv)), f32((B, Hv, N, C)),
+                 f32((B, Hv, N, C)), f32((B, Hv, dk, dv))]
+    out_specs = [lk.spec(rev), lk.spec(rev), lv.spec(rev), rows, rows, state]
+    kernel = functools.partial(_backward_kernel, scale=cfg["scale"], l2norm=cfg["l2norm"], r=r, lv=lv)
+    in_bytes = (q.nbytes + k.nbytes + v.nbytes + gam.nbytes + beta.nbytes + doc.nbytes + states.nbytes + do.nbytes
+                + dsT.nbytes)
+    out_bytes = 4 * B * T * (2 * Hk * dk + Hv * dv) + 8 * gam.size + 4 * B * Hv * dk * dv
+    cost = pl.CostEstimate(flops=B * Hk * N * _flops_per_chunk(C, dk, dv, r, True),
                            transcendentals=B * Hv * T * (C + 3), bytes_accessed=in_bytes + out_bytes)
     dq, dk_, dv_, dgam, dbeta, ds0 = pl.pallas_call(
-        kernel, grid=(B, Hv, N), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-        scratch_shapes=[pltpu.VMEM((dk, dv), jnp.float32)],
-        compiler_params=_compiler_params(C, dk, dv, N, itemsize=4),
-        cost_estimate=cost, interpret=cfg["interpret"],
+        kernel, grid=(B, Hk, N), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        scratch_shapes=[pltpu.VMEM((r, dk, dv), jnp.float32)],
+        compiler_params=_compiler_params(C, dk, dv, N, r), cost_estimate=cost, interpret=cfg["interpret"],
     )(lk.to_kernel(q), lk.to_kernel(k), lv.to_kernel(v), gam, beta, doc, states, lv.to_kernel(do), dsT)
-    # grouped heads: value head h wrote the gradient of key head h // r; sum the r value heads of each key head
-    dq = lk.from_kernel(dq, Hv).reshape(B, T, Hk, r, dk).sum(3)
-    dk_ = lk.from_kernel(dk_, Hv).reshape(B, T, Hk, r, dk).sum(3)
-    return dq, dk_, lv.from_kernel(dv_, Hv), dgam, dbeta, ds0
+    return lk.from_kernel(dq, Hk), lk.from_kernel(dk_, Hk), lv.from_kernel(dv_, Hv), dgam, dbeta, ds0
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))

@@ -4,8 +4,12 @@ and a shared SwiGLU expert scaled per token by a sigmoid gate.
 Dispatch sorts the N*k (token, expert) assignments by expert and runs two grouped matmuls over the sorted rows, so
 the cost per token is independent of the number of experts (no one-hot [N, E] dispatch tensors). Router statistics
 (assignment counts and probability sums per expert, token count, z-loss sum) are returned as sums, so the trainer
-can pool them over layers and the global batch before forming the load-balancing loss.
+can pool them over layers and the global batch before forming the load-balancing loss. Routing runs on the sharded
+global batch, so under a mesh these sums are global-batch sums; with an `expert` mesh axis the routed experts run
+expert-parallel (moe_ep.py).
 """
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -14,6 +18,8 @@ import jax.numpy as jnp
 from pallas_kernels.gmm import gmm
 from qwen35_jax.layers.common import accum_dtype, dense_init, dtypes
 from qwen35_jax.layers.mlp import SwiGLU
+from qwen35_jax.layers.moe_ep import ep_dispatch_combine
+from qwen35_jax.sharding import expert_parallel_size, shard_experts
 
 
 def route(logits_NE, k: int, renormalize: bool):
@@ -36,33 +42,63 @@ def router_stats(logits_NE, probs_NE, experts_NK, token_mask_N):
             "tokens": jnp.sum(mask), "z_sq": jnp.sum(jnp.square(z_N) * mask)}
 
 
+def expert_capacity(capacity_factor: float, num_tokens: int, k: int, num_experts: int) -> int:
+    """Rows each expert keeps per dispatch group (the rest are dropped): capacity_factor x the balanced load."""
+    return int(max(1, round(capacity_factor * num_tokens * k / num_experts)))
+
+
 def dispatch_combine(x_ND, weights_NK, experts_NK, w_gate_up_EDF2, w_down_EFD, *, impl="auto",
-                     capacity_factor=0.0):
+                     capacity_factor=0.0, interpret=None):
     """Dropless (or capacity-limited) sorted dispatch through two grouped matmuls, combined with the weights."""
     N, D = x_ND.shape
     k = experts_NK.shape[-1]
-    E, _, F2 = w_gate_up_EDF2.shape
+    E = w_gate_up_EDF2.shape[0]
     flat_experts = experts_NK.reshape(-1)
     order = jnp.argsort(flat_experts, stable=True)
     token_of_row = order // k
     group_sizes_E = jnp.bincount(flat_experts, length=E).astype(jnp.int32)
     row_weights = weights_NK.reshape(-1)[order]
     if capacity_factor > 0:
-        capacity = int(max(1, round(capacity_factor * N * k / E)))
+        capacity = expert_capacity(capacity_factor, N, k, E)
         starts_E = jnp.cumsum(group_sizes_E) - group_sizes_E
         sorted_experts = flat_experts[order]
         rank = jnp.arange(N * k) - starts_E[sorted_experts]
         row_weights = jnp.where(rank < capacity, row_weights, 0.0)
-    x_sorted = x_ND[token_of_row]
-    h = gmm(x_sorted, w_gate_up_EDF2, group_sizes_E, impl=impl, preferred_element_type=x_ND.dtype)
-    h = jax.nn.silu(h[:, : F2 // 2]) * h[:, F2 // 2:]
-    y_sorted = gmm(h, w_down_EFD, group_sizes_E, impl=impl, preferred_element_type=x_ND.dtype)
+    y_sorted = grouped_swiglu(x_ND[token_of_row], group_sizes_E, w_gate_up_EDF2, w_down_EFD, impl=impl,
+                              interpret=interpret)
     y_sorted = y_sorted * row_weights[:, None].astype(y_sorted.dtype)
     return jnp.zeros((N, D), y_sorted.dtype).at[token_of_row].add(y_sorted)
 
 
+def grouped_swiglu(x_MD, group_sizes_G, w_gate_up_GDF2, w_down_GFD, *, impl="auto", interpret=None):
+    """SwiGLU experts on rows sorted by group: [M, D] -> [M, D]; rows past sum(group_sizes) give zeros."""
+    F2 = w_gate_up_GDF2.shape[-1]
+    h_MF2 = gmm(x_MD, w_gate_up_GDF2, group_sizes_G, impl=impl, interpret=interpret,
+                preferred_element_type=x_MD.dtype)
+    h_MF = jax.nn.silu(h_MF2[:, : F2 // 2]) * h_MF2[:, F2 // 2:]
+    return gmm(h_MF, w_down_GFD, group_sizes_G, impl=impl, interpret=interpret, preferred_element_type=x_MD.dtype)
+
+
+def expert_parallel_dispatch(cfg, interpret=None):
+    """The per-shard routed-expert computation for `shard_experts` (which passes the tokens' shard, the local
+    experts' weights and the axis name); a capacity factor applies per expert to each shard's tokens."""
+    experts_fn = functools.partial(grouped_swiglu, impl=cfg.moe_impl, interpret=interpret)
+
+    def local(x_ND, weights_NK, experts_NK, w_gate_up_LDF2, w_down_LFD, *, axis_name):
+        capacity = None
+        if cfg.capacity_factor > 0:
+            capacity = expert_capacity(cfg.capacity_factor, x_ND.shape[0], cfg.experts_per_token, cfg.num_experts)
+        return ep_dispatch_combine(x_ND, weights_NK, experts_NK, w_gate_up_LDF2, w_down_LFD, axis_name=axis_name,
+                                   num_experts=cfg.num_experts, experts_fn=experts_fn, capacity=capacity)
+
+    return local
+
+
 class MoE(nn.Module):
+    """(y [B, T, D], router stats); the routed experts run expert-parallel when the active mesh splits them."""
+
     cfg: object
+    interpret: bool | None = None  # gmm's Pallas interpret mode (None: off on TPU); False to compile for TPU here
 
     @nn.compact
     def __call__(self, x_BTD, *, token_mask_BT):
@@ -78,8 +114,12 @@ class MoE(nn.Module):
         stats = router_stats(logits_NE, probs_NE, experts_NK, token_mask_BT.reshape(-1))
         w_gate_up = self.param("gate_up_proj", init, (E, D, 2 * F), param_dtype).astype(dtype)
         w_down = self.param("down_proj", init, (E, F, D), param_dtype).astype(dtype)
-        y_ND = dispatch_combine(x_ND, weights_NK.astype(dtype), experts_NK, w_gate_up, w_down,
-                                impl=cfg.moe_impl, capacity_factor=cfg.capacity_factor)
+        if expert_parallel_size(E) > 1:
+            y_ND = shard_experts(expert_parallel_dispatch(cfg, self.interpret), x_ND, weights_NK.astype(dtype),
+                                 experts_NK, w_gate_up, w_down)
+        else:
+            y_ND = dispatch_combine(x_ND, weights_NK.astype(dtype), experts_NK, w_gate_up, w_down, impl=cfg.moe_impl,
+                                    capacity_factor=cfg.capacity_factor, interpret=self.interpret)
         if cfg.shared_expert_intermediate_size:
             shared = SwiGLU(D, cfg.shared_expert_intermediate_size, dtype, param_dtype, cfg.initializer_range,
                             name="shared_expert")(x_ND)

@@ -66,12 +66,13 @@ def _jsonable(x):
 
 
 def train_iterator(tcfg: TrainConfig, tokenizer, data_state: dict | None) -> TrainIterator:
+    """Global batches [batch_size, seq_len]. Every process builds the same stream (documents are not split by
+    process), so a run's batches, and so its losses, do not depend on how many hosts feed it; `to_global` then
+    places the rows each process's devices hold. The price: each host tokenises and packs the whole global batch."""
     from qwen35_jax.data.pipeline import make_dataset
 
-    start, per_process = _process_rows(tcfg.batch_size)
-    it = make_dataset(_data_spec(tcfg.data), tokenizer, seq_len=tcfg.seq_len, batch_size=per_process,
-                      seed=tcfg.seed, shuffle=True, num_epochs=None, process_index=jax.process_index(),
-                      process_count=jax.process_count(), num_workers=tcfg.num_workers)
+    it = make_dataset(_data_spec(tcfg.data), tokenizer, seq_len=tcfg.seq_len, batch_size=tcfg.batch_size,
+                      seed=tcfg.seed, shuffle=True, num_epochs=None, num_workers=tcfg.num_workers)
     wrapped = TrainIterator(it)
     if data_state is not None:
         wrapped.set_state_json(data_state)
@@ -79,13 +80,11 @@ def train_iterator(tcfg: TrainConfig, tokenizer, data_state: dict | None) -> Tra
 
 
 def eval_batches(tcfg: TrainConfig, tokenizer):
+    """Global eval batches, the same on every process (like `train_iterator`)."""
     from qwen35_jax.data.pipeline import make_eval_dataset
 
     spec = tcfg.eval_data if tcfg.eval_data is not None else {**_data_spec(tcfg.data), "split": "validation"}
-    _, per_process = _process_rows(tcfg.batch_size)
-    # every process runs the same number of eval steps (missing batches are all padding)
-    it = make_eval_dataset(_data_spec(spec), tokenizer, seq_len=tcfg.seq_len, batch_size=per_process,
-                           process_index=jax.process_index(), process_count=jax.process_count(),
+    it = make_eval_dataset(_data_spec(spec), tokenizer, seq_len=tcfg.seq_len, batch_size=tcfg.batch_size,
                            num_batches=tcfg.eval_batches)
     for i, batch in enumerate(it):
         if i >= tcfg.eval_batches:
@@ -93,16 +92,10 @@ def eval_batches(tcfg: TrainConfig, tokenizer):
         yield {k: np.asarray(batch[k], BATCH_DTYPES[k]) for k in BATCH_DTYPES}
 
 
-def _process_rows(global_batch: int):
-    n = jax.process_count()
-    if global_batch % n:
-        raise UserError(f"batch_size={global_batch} is not divisible by the {n} processes")
-    return jax.process_index() * (global_batch // n), global_batch // n
-
-
 def to_global(batch: dict, sharding) -> dict:
-    """This process's rows -> global arrays laid out by `sharding`."""
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+    """The global batch (identical on every process) -> global arrays laid out by `sharding`; each process copies
+    in only the slices its own devices hold, whatever the mesh does with the batch dimension."""
+    return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index]) for k, v in batch.items()}
 
 
 def load_init_params(path, model_cfg, shapes, shardings):
