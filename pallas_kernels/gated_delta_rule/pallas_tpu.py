@@ -32,7 +32,11 @@ _NT = (((1,), (1,)), ((), ()))   # x @ y.T
 _TN = (((0,), (0,)), ((), ()))   # x.T @ y
 
 
-def _dot(x, y, dims=_NN):
+def _dot(x, y, dims=_NN, *, bf16=False):
+    """fp32-accumulated product; true fp32 (HIGHEST) operands, or bf16 operands (one MXU pass) if `bf16`."""
+    if bf16:
+        return jax.lax.dot_general(x.astype(jnp.bfloat16), y.astype(jnp.bfloat16), dims,
+                                   preferred_element_type=jnp.float32)
     return jax.lax.dot_general(x, y, dims, precision=HI, preferred_element_type=jnp.float32)
 
 
@@ -57,16 +61,18 @@ def _unit_lower_inverse(A_CC, ii, jj):
     X holds the inverses of the diagonal s x s blocks; one level merges pairs into 2s x 2s blocks with
     X <- X - X A_s X, where A_s keeps only the lower-left s x s sub-block of every 2s diagonal block. This gives
     [[X1, 0], [-X2 A21 X1, X2]] exactly, forms only true sub-blocks of the inverse (no powers of A), and is two
-    MXU matmuls per level, log2(C) levels.
+    MXU matmuls per level, log2(C) - 1 levels (the first needs none).
     """
     C = A_CC.shape[0]
-    X = (ii == jj).astype(jnp.float32)
-    s, log_s = 1, 0
-    while s < C:
+
+    def level_mask(log_s):
         pair = (ii >> (log_s + 1)) == (jj >> (log_s + 1))
-        lower_left = (((ii >> log_s) & 1) == 1) & (((jj >> log_s) & 1) == 0)
-        A_s = jnp.where(pair & lower_left, A_CC, 0.0)
-        X = X - _dot(_dot(X, A_s), X)
+        return pair & (((ii >> log_s) & 1) == 1) & (((jj >> log_s) & 1) == 0)
+
+    X = (ii == jj).astype(jnp.float32) - jnp.where(level_mask(0), A_CC, 0.0)  # level 1: X = I, so X A_1 X = A_1
+    s, log_s = 2, 1
+    while s < C:
+        X = X - _dot(_dot(X, jnp.where(level_mask(log_s), A_CC, 0.0)), X)
         s, log_s = 2 * s, log_s + 1
     return X
 
@@ -81,7 +87,8 @@ def _l2norm(x, on: bool):
 class _Keys:
     """The key-head part of a chunk, shared by the r value heads that read it (all fp32)."""
 
-    def __init__(self, q_ref, k_ref, *, scale, l2norm):
+    def __init__(self, q_ref, k_ref, *, scale, l2norm, mm):
+        self.mm = mm
         q_raw = q_ref[...].astype(jnp.float32)
         k_raw = k_ref[...].astype(jnp.float32)
         self.C = C = q_raw.shape[0]
@@ -90,15 +97,15 @@ class _Keys:
         self.q_hat, self.rq = _l2norm(q_raw, l2norm)
         self.k, self.rk = _l2norm(k_raw, l2norm)
         self.q = self.q_hat * scale
-        self.KK = _dot(self.k, self.k, _NT)
-        self.QK = _dot(self.q, self.k, _NT)
+        self.KK = mm(self.k, self.k, _NT)
+        self.QK = mm(self.q, self.k, _NT)
 
 
 class _Head:
     """One value head's part of a chunk: decay, WY factors (all fp32), recomputed by forward and backward."""
 
     def __init__(self, keys, v, gam_r, beta_r, doc_r):
-        C, eye = keys.C, keys.eye
+        C, eye, mm = keys.C, keys.eye, keys.mm
         self.v = v.astype(jnp.float32)
         gam_c, beta_c, doc_c = _col(gam_r, eye), _col(beta_r, eye), _col(doc_r, eye)
         self.beta_c = beta_c
@@ -113,8 +120,8 @@ class _Head:
         self.Tinv = _unit_lower_inverse(self.B * beta_c, keys.ii, keys.jj)
         self.vb = self.v * beta_c
         self.kw = keys.k * (beta_c * self.e_c)
-        self.U = _dot(self.Tinv, self.vb)
-        self.W = _dot(self.Tinv, self.kw)
+        self.U = mm(self.Tinv, self.vb)
+        self.W = mm(self.Tinv, self.kw)
         self.P = keys.QK * self.D
 
 
@@ -124,7 +131,8 @@ def _scalars(gam_ref, beta_ref, doc_ref, j, n):
 
 
 # ----------------------------------------------------------------------------------------------------- kernels
-def _forward_kernel(q_ref, k_ref, v_ref, gam_ref, beta_ref, doc_ref, s0_ref, *refs, scale, l2norm, emit, r, lv):
+def _forward_kernel(q_ref, k_ref, v_ref, gam_ref, beta_ref, doc_ref, s0_ref, *refs, scale, l2norm, emit, r, lv,
+                    bf16):
     """One chunk of one key head and its r value heads. emit "output": o and the final state; "states": the
     chunk-start state of every chunk (the backward's only stored intermediate)."""
     if emit == "output":
@@ -137,15 +145,16 @@ def _forward_kernel(q_ref, k_ref, v_ref, gam_ref, beta_ref, doc_ref, s0_ref, *re
     def _init():
         S_scr[...] = s0_ref[...].astype(jnp.float32)
 
-    keys = _Keys(q_ref, k_ref, scale=scale, l2norm=l2norm)
+    mm = functools.partial(_dot, bf16=bf16)
+    keys = _Keys(q_ref, k_ref, scale=scale, l2norm=l2norm, mm=mm)
     for j in range(r):
         hd = _Head(keys, lv.get(v_ref, j), *_scalars(gam_ref, beta_ref, doc_ref, j, n))
         S = S_scr[j]
-        Vn = hd.U - _dot(hd.W, S)
-        S_next = hd.s_dec * S + _dot(keys.k * hd.f_c, Vn, _TN)
+        Vn = hd.U - mm(hd.W, S)
+        S_next = hd.s_dec * S + mm(keys.k * hd.f_c, Vn, _TN)
         S_scr[j] = S_next
         if emit == "output":
-            lv.set(o_ref, j, (_dot(keys.q * hd.e_c, S) + _dot(hd.P, Vn)).astype(o_ref.dtype))
+            lv.set(o_ref, j, (mm(keys.q * hd.e_c, S) + mm(hd.P, Vn)).astype(o_ref.dtype))
 
             @pl.when(n == pl.num_programs(2) - 1)
             def _final():
@@ -155,7 +164,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, gam_ref, beta_ref, doc_ref, s0_ref, *re
 
 
 def _backward_kernel(q_ref, k_ref, v_ref, gam_ref, beta_ref, doc_ref, states_ref, do_ref, dsT_ref,
-                     dq_ref, dk_ref, dv_ref, dgam_ref, dbeta_ref, ds0_ref, dS_scr, *, scale, l2norm, r, lv):
+                     dq_ref, dk_ref, dv_ref, dgam_ref, dbeta_ref, ds0_ref, dS_scr, *, scale, l2norm, r, lv, bf16):
     i, N = pl.program_id(2), pl.num_programs(2)
     n = N - 1 - i
 
@@ -163,31 +172,32 @@ def _backward_kernel(q_ref, k_ref, v_ref, gam_ref, beta_ref, doc_ref, states_ref
     def _init():
         dS_scr[...] = dsT_ref[...].astype(jnp.float32)
 
-    keys = _Keys(q_ref, k_ref, scale=scale, l2norm=l2norm)
+    mm = functools.partial(_dot, bf16=bf16)
+    keys = _Keys(q_ref, k_ref, scale=scale, l2norm=l2norm, mm=mm)
     k = keys.k
     dq = jnp.zeros_like(keys.q)
     dk = jnp.zeros_like(k)
     for j in range(r):
         hd = _Head(keys, lv.get(v_ref, j), *_scalars(gam_ref, beta_ref, doc_ref, j, n))
         S, dS_next, dO = states_ref[j], dS_scr[j], lv.get(do_ref, j).astype(jnp.float32)
-        Vn = hd.U - _dot(hd.W, S)
+        Vn = hd.U - mm(hd.W, S)
         Kd, Qd = k * hd.f_c, keys.q * hd.e_c
-        dVn = _dot(hd.P, dO, _TN) + _dot(Kd, dS_next)            # O = Qd S + P Vn; S' = s_dec S + Kd^T Vn
-        dP = _dot(dO, Vn, _NT)
-        dQd = _dot(dO, S, _NT)
-        dKd = _dot(Vn, dS_next, _NT)
-        dS_scr[j] = _dot(Qd, dO, _TN) - _dot(hd.W, dVn, _TN) + hd.s_dec * dS_next   # Vn = U - W S
-        dW = -_dot(dVn, S, _NT)
-        dvb = _dot(hd.Tinv, dVn, _TN)                              # U = Tinv vb; W = Tinv kw
-        dkw = _dot(hd.Tinv, dW, _TN)
-        dTinv = _dot(dVn, hd.vb, _NT) + _dot(dW, hd.kw, _NT)
-        dA = jnp.where(hd.Ms, -_dot(_dot(hd.Tinv, dTinv, _TN), hd.Tinv, _NT), 0.0)   # Tinv = (I + A)^-1
+        dVn = mm(hd.P, dO, _TN) + mm(Kd, dS_next)            # O = Qd S + P Vn; S' = s_dec S + Kd^T Vn
+        dP = mm(dO, Vn, _NT)
+        dQd = mm(dO, S, _NT)
+        dKd = mm(Vn, dS_next, _NT)
+        dS_scr[j] = mm(Qd, dO, _TN) - mm(hd.W, dVn, _TN) + hd.s_dec * dS_next   # Vn = U - W S
+        dW = -mm(dVn, S, _NT)
+        dvb = mm(hd.Tinv, dVn, _TN)                              # U = Tinv vb; W = Tinv kw
+        dkw = mm(hd.Tinv, dW, _TN)
+        dTinv = mm(dVn, hd.vb, _NT) + mm(dW, hd.kw, _NT)
+        dA = jnp.where(hd.Ms, -mm(mm(hd.Tinv, dTinv, _TN), hd.Tinv, _NT), 0.0)   # Tinv = (I + A)^-1
         dB = dA * hd.beta_c                                        # A = diag(beta) B, B = Ms * KK * D
         dKK = dB * hd.D
         dD = dB * keys.KK + dP * keys.QK                           # P = QK * D
         dQK = dP * hd.D
-        dq = dq + _dot(dQK, k) + hd.e_c * dQd
-        dk = (dk + _dot(dQK, keys.q, _TN) + _dot(dKK, k) + _dot(dKK, k, _TN) + (hd.beta_c * hd.e_c) * dkw
+        dq = dq + mm(dQK, k) + hd.e_c * dQd
+        dk = (dk + mm(dQK, keys.q, _TN) + mm(dKK, k) + mm(dKK, k, _TN) + (hd.beta_c * hd.e_c) * dkw
               + hd.f_c * dKd)
         lv.set(dv_ref, j, (hd.beta_c * dvb).astype(dv_ref.dtype))
         kdkw = jnp.sum(dkw * k, axis=1, keepdims=True)
@@ -262,12 +272,34 @@ class _Layout:
 def _flops_per_chunk(C, dk, dv, r, backward: bool):
     """Per key head and its r value heads (the kernel's own count, matmuls only)."""
     keys = 2 * C * C * dk * 2                                                   # K K^T, Q K^T
-    inverse = 4 * C ** 3 * max(C.bit_length() - 1, 0)                           # 2 matmuls per doubling level
+    inverse = 4 * C ** 3 * max(C.bit_length() - 2, 0)                           # 2 matmuls per doubling level
     head = inverse + 2 * C * C * (dk + dv) + 2 * C * dk * dv * 3 + 2 * C * C * dv  # W, U, WS, QS, K^T Vn, P Vn
     if not backward:
         return keys + r * head
     # recompute (head without the output products) + 12 [C, d]-sized and 2 inverse-sized products per head
     return keys + r * (head + 2 * C * (C * (5 * dv + 4 * dk) + 3 * dk * dv) + 4 * C ** 3) + 2 * C * C * dk * 2
+
+
+def kernel_cost(B, T, Hk, Hv, dk, dv, *, chunk_size=64, itemsize=2, backward=False) -> dict:
+    """The kernels' own cost model: {"flops", "inverse_flops" (the fp32 triangular inverse's share), "bytes" (HBM)}
+    of the forward kernel, or of the backward's two kernels (chunk-state pass + reverse walk); T a multiple of
+    chunk_size. q, k, v (and do) have `itemsize` bytes; per-token scalars, states and gradients are fp32."""
+    C, r = chunk_size, Hv // Hk
+    N = T // C
+    qkv = B * T * (2 * Hk * dk + Hv * dv) * itemsize
+    scalars = B * T * (2 * Hv + 1) * 4
+    state = B * Hv * dk * dv * 4
+    flops = B * Hk * N * _flops_per_chunk(C, dk, dv, r, False)
+    inverse = B * Hv * N * 4 * C ** 3 * max(C.bit_length() - 2, 0)
+    if not backward:
+        return {"flops": flops, "inverse_flops": inverse,
+                "bytes": qkv + scalars + state + B * T * Hv * dv * itemsize + state}
+    states = B * Hv * N * dk * dv * 4
+    fwd_states = qkv + scalars + state + states
+    grads = B * T * (2 * Hk * dk + Hv * dv) * 4 + B * T * Hv * 8 + state
+    bwd = qkv + scalars + states + B * T * Hv * dv * itemsize + state + grads
+    return {"flops": flops + B * Hk * N * _flops_per_chunk(C, dk, dv, r, True), "inverse_flops": 2 * inverse,
+            "bytes": fwd_states + bwd}
 
 
 def _compiler_params(C, dk, dv, N, r):
@@ -306,10 +338,11 @@ def _forward_call(q, k, v, gam, beta, doc, s0, cfg, *, emit):
         out_shape = [jax.ShapeDtypeStruct((B, Hv, N, dk, dv), jnp.float32)]
         out_specs = [states]
         out_bytes = B * Hv * N * dk * dv * 4
-    kernel = functools.partial(_forward_kernel, scale=cfg["scale"], l2norm=cfg["l2norm"], emit=emit, r=r, lv=lv)
+    kernel = functools.partial(_forward_kernel, scale=cfg["scale"], l2norm=cfg["l2norm"], emit=emit, r=r, lv=lv,
+                               bf16=cfg["bf16"])
     in_bytes = q.nbytes + k.nbytes + v.nbytes + gam.nbytes + beta.nbytes + doc.nbytes + s0.nbytes
-    cost = pl.CostEstimate(flops=B * Hk * N * _flops_per_chunk(C, dk, dv, r, False),
-                           transcendentals=B * Hv * T * (C + 3), bytes_accessed=in_bytes + out_bytes)
+    flops = B * Hk * N * _flops_per_chunk(C, dk, dv, r, False)
+    cost = pl.CostEstimate(flops=flops, transcendentals=B * Hv * T * (C + 3), bytes_accessed=in_bytes + out_bytes)
     out = pl.pallas_call(
         kernel, grid=(B, Hk, N), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         scratch_shapes=[pltpu.VMEM((r, dk, dv), jnp.float32)],
@@ -333,7 +366,8 @@ def _backward_call(q, k, v, gam, beta, doc, states, do, dsT, cfg):
     out_shape = [f32(lk.shape(B, T, Hk)), f32(lk.shape(B, T, Hk)), f32(lv.shape(B, T, Hv)), f32((B, Hv, N, C)),
                  f32((B, Hv, N, C)), f32((B, Hv, dk, dv))]
     out_specs = [lk.spec(rev), lk.spec(rev), lv.spec(rev), rows, rows, state]
-    kernel = functools.partial(_backward_kernel, scale=cfg["scale"], l2norm=cfg["l2norm"], r=r, lv=lv)
+    kernel = functools.partial(_backward_kernel, scale=cfg["scale"], l2norm=cfg["l2norm"], r=r, lv=lv,
+                               bf16=cfg["bf16"])
     in_bytes = (q.nbytes + k.nbytes + v.nbytes + gam.nbytes + beta.nbytes + doc.nbytes + states.nbytes + do.nbytes
                 + dsT.nbytes)
     out_bytes = 4 * B * T * (2 * Hk * dk + Hv * dv) + 8 * gam.size + 4 * B * Hv * dk * dv
@@ -370,8 +404,16 @@ _gdn.defvjp(_gdn_fwd, _gdn_bwd)
 
 
 def pallas_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
-                            segment_ids=None, use_qk_l2norm=False, chunk_size=64, interpret=None):
-    """The chunked gated delta rule as fused Pallas TPU kernels (interpret mode off TPU by default)."""
+                            segment_ids=None, use_qk_l2norm=False, chunk_size=64, interpret=None, mxu="auto"):
+    """The chunked gated delta rule as fused Pallas TPU kernels (interpret mode off TPU by default).
+
+    mxu: "f32" (every product with fp32 operands, HIGHEST), "bf16" (bf16 operands, fp32 accumulation, for all
+    products but the triangular inverse, which stays fp32), "auto" (bf16 when q, k and v are all bf16).
+    """
+    if mxu not in ("auto", "f32", "bf16"):
+        raise ValueError(f"mxu must be 'auto', 'f32' or 'bf16'; got {mxu!r}")
+    if mxu == "auto":
+        mxu = "bf16" if q.dtype == k.dtype == v.dtype == jnp.bfloat16 else "f32"
     B, T, Hk, dk = q.shape
     Hv, dv = v.shape[2:]
     C = chunk_size
@@ -388,6 +430,7 @@ def pallas_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,
     rows = lambda x: jnp.moveaxis(x.astype(jnp.float32).reshape(B, N, C, Hv), 3, 1)  # noqa: E731  [B, Hv, N, C]
     gam = jnp.cumsum(rows(g), axis=-1)
     s0 = jnp.zeros((B, Hv, dk, dv), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
-    cfg = (("C", C), ("scale", scale), ("l2norm", bool(use_qk_l2norm)), ("interpret", interpret))
+    cfg = (("C", C), ("scale", scale), ("l2norm", bool(use_qk_l2norm)), ("interpret", interpret),
+           ("bf16", mxu == "bf16"))
     o, sT = _gdn(q, k, v, gam, rows(beta), doc, s0, cfg)
     return o[:, :T], (sT if output_final_state else None)
