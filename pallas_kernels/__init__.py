@@ -8,3 +8,4 @@ from pallas_kernels.gated_delta_rule import gated_delta_rule_step as gated_delta
 from pallas_kernels.gated_delta_rule import recurrent_gated_delta_rule as recurrent_gated_delta_rule
 from pallas_kernels.gmm import gmm as gmm
 from pallas_kernels.gmm import tgmm as tgmm
+from pallas_kernels.target import compile_for as compile_for

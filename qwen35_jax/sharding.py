@@ -198,6 +198,35 @@ def shard_experts(local_fn, x_ND, weights_NK, experts_NK, w_gate_up_EDF2, w_down
     return f(x_ND, weights_NK, experts_NK, w_gate_up_EDF2, w_down_EFD)
 
 
+def shard_kernel(fn, args, logical, out_logical):
+    """Runs `fn(*args)` once per device under `shard_map`, each array split along its logical axes, for kernels that
+    XLA cannot partition (Pallas calls are opaque to it and would otherwise be gathered and run whole on every
+    device). `logical[i]` names the axes of `args[i]` (None entries of `args` pass through), `out_logical` those of
+    each output (None for an output that is None). Heads go over `tensor` only if every head dimension divides.
+    A plain call outside `use_mesh`."""
+    if not _ACTIVE:
+        return fn(*args)
+    mesh, rules = _ACTIVE[-1]
+    head_dims = [a.shape[i] for a, names in zip(args, logical) if a is not None
+                 for i, n in enumerate(names) if n == "heads"]
+    if any(spec_for(("heads",), (d,), mesh, rules)[0] != spec_for(("heads",), (head_dims[0],), mesh, rules)[0]
+           for d in head_dims):
+        rules = {**rules, "heads": None}
+    present = [i for i, a in enumerate(args) if a is not None]
+    in_specs = tuple(spec_for(logical[i], args[i].shape, mesh, rules) for i in present)
+    shapes = jax.eval_shape(fn, *args)
+    out_specs = tuple(None if s is None else spec_for(names, s.shape, mesh, rules)
+                      for s, names in zip(shapes, out_logical))
+
+    def local(*xs):
+        full = list(args)
+        for i, x in zip(present, xs):
+            full[i] = x
+        return fn(*full)
+
+    return _shard_map(local, mesh, in_specs=in_specs, out_specs=out_specs)(*(args[i] for i in present))
+
+
 def process_batch_slice(global_batch: int) -> tuple[int, int]:
     """(start, size) of this process's rows of the global batch."""
     n, i = jax.process_count(), jax.process_index()

@@ -7,7 +7,7 @@ interpret mode off TPU), "auto" (pallas on TPU, else xla).
 
 from __future__ import annotations
 
-import jax
+from pallas_kernels import target
 
 from .chunked import chunked_gated_delta_rule
 from .pallas_tpu import pallas_gated_delta_rule
@@ -37,7 +37,7 @@ def _check(q, k, v, g, beta, initial_state, segment_ids):
 
 
 def default_impl() -> str:
-    return "pallas" if jax.default_backend() == "tpu" else "xla"
+    return "pallas" if target.on_tpu() else "xla"
 
 
 def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels import target
+
 from .reference import document_starts
 
 HI = jax.lax.Precision.HIGHEST
@@ -420,7 +422,7 @@ def pallas_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,
     N = -(-T // C)
     pad = N * C - T
     if interpret is None:
-        interpret = jax.default_backend() != "tpu"
+        interpret = not target.on_tpu()
     scale = dk ** -0.5 if scale is None else float(scale)
     starts = document_starts(segment_ids, B, T)
     if pad:  # zero q, k, v and g = beta = 0 make the padding exact; it continues the last document

@@ -10,6 +10,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import target
+
 from pallas_kernels.gmm import pallas_tpu, reference, xla
 
 IMPLS = ("reference", "xla", "pallas", "auto")
@@ -50,7 +52,7 @@ def _check_tiling(tiling, k, n, what):
 def _resolve(impl, interpret):
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    on_tpu = jax.default_backend() == "tpu"
+    on_tpu = target.on_tpu()
     if impl == "auto":
         impl = "pallas" if on_tpu else "xla"
     return impl, (not on_tpu) if interpret is None else interpret

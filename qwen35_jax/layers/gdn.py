@@ -9,12 +9,29 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.gated_delta_rule import chunk_gated_delta_rule
+from pallas_kernels.gated_delta_rule import chunk_gated_delta_rule, default_impl
 from qwen35_jax.layers.common import accum_dtype, dense_init, dtypes
 from qwen35_jax.layers.norms import GatedRMSNorm
+from qwen35_jax.sharding import shard_kernel
 
 
 DECODE_RECURRENT_MAX = 8  # up to this many new tokens, decoding steps through the recurrence token by token
+_HEADS4, _HEADS3 = ("batch", None, "heads", None), ("batch", None, "heads")
+
+
+def delta_rule_per_shard(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, segment_ids_BT, cfg):
+    """The training-time delta rule. The Pallas kernel is opaque to XLA's partitioner, so under a mesh it runs per
+    shard (batch rows and heads split, sequences whole); the XLA path is left to the partitioner."""
+    impl = default_impl() if cfg.gdn_impl == "auto" else cfg.gdn_impl
+
+    def rule(q, k, v, g, beta, seg):
+        return chunk_gated_delta_rule(q, k, v, g, beta, segment_ids=seg, use_qk_l2norm=True,
+                                      chunk_size=cfg.gdn_chunk_size, impl=impl)
+
+    args = (q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, segment_ids_BT)
+    if impl != "pallas":
+        return rule(*args)
+    return shard_kernel(rule, args, (_HEADS4, _HEADS4, _HEADS4, _HEADS3, _HEADS3, ("batch", None)), (_HEADS4, None))
 
 
 def a_log_init(key, shape, dtype):
@@ -84,9 +101,7 @@ class GatedDeltaNet(nn.Module):
         beta_BTH = jax.nn.sigmoid(b_BTH)
         g_BTH = -jnp.exp(A_log.astype(f32)) * jax.nn.softplus(a_BTH.astype(f32) + dt_bias.astype(f32))
         if cache is None:
-            o_BTHV, _ = chunk_gated_delta_rule(
-                q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, segment_ids=segment_ids_BT, use_qk_l2norm=True,
-                chunk_size=cfg.gdn_chunk_size, impl=cfg.gdn_impl)
+            o_BTHV, _ = delta_rule_per_shard(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, segment_ids_BT, cfg)
         else:  # a few tokens decode with the per-token recurrence; a prompt uses the chunked form
             impl = "recurrent" if T <= DECODE_RECURRENT_MAX else cfg.gdn_impl
             valid_BTH = (segment_ids_BT != 0)[..., None]  # padding leaves the carried state untouched

@@ -16,10 +16,11 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.gmm import gmm
+from pallas_kernels.target import on_tpu
 from qwen35_jax.layers.common import accum_dtype, dense_init, dtypes
 from qwen35_jax.layers.mlp import SwiGLU
 from qwen35_jax.layers.moe_ep import ep_dispatch_combine
-from qwen35_jax.sharding import expert_parallel_size, shard_experts
+from qwen35_jax.sharding import expert_parallel_size, shard_experts, shard_kernel
 
 
 def route(logits_NE, k: int, renormalize: bool):
@@ -118,8 +119,18 @@ class MoE(nn.Module):
             y_ND = shard_experts(expert_parallel_dispatch(cfg, self.interpret), x_ND, weights_NK.astype(dtype),
                                  experts_NK, w_gate_up, w_down)
         else:
-            y_ND = dispatch_combine(x_ND, weights_NK.astype(dtype), experts_NK, w_gate_up, w_down, impl=cfg.moe_impl,
-                                    capacity_factor=cfg.capacity_factor, interpret=self.interpret)
+            def local(x, w, e, wgu, wd):
+                return dispatch_combine(x, w, e, wgu, wd, impl=cfg.moe_impl, capacity_factor=cfg.capacity_factor,
+                                        interpret=self.interpret)
+
+            args = (x_ND, weights_NK.astype(dtype), experts_NK, w_gate_up, w_down)
+            if cfg.moe_impl == "pallas" or (cfg.moe_impl == "auto" and on_tpu()):
+                # Mosaic kernels cannot be partitioned by XLA: run per token shard, expert weights gathered
+                tokens, weights = ("batch", None), (None, None, None)
+                (y_ND,) = shard_kernel(lambda *a: (local(*a),), args, (tokens, tokens, tokens, weights, weights),
+                                       (tokens,))
+            else:
+                y_ND = local(*args)
         if cfg.shared_expert_intermediate_size:
             shared = SwiGLU(D, cfg.shared_expert_intermediate_size, dtype, param_dtype, cfg.initializer_range,
                             name="shared_expert")(x_ND)

@@ -17,6 +17,7 @@ import time
 import jax
 import numpy as np
 
+from pallas_kernels import compile_for
 from qwen35_jax.errors import UserError
 from qwen35_jax.model import init_params
 from qwen35_jax.sharding import batch_sharding, make_mesh, param_shardings, replicated, state_shardings, use_mesh
@@ -82,7 +83,7 @@ def compile_train_step(tcfg, devices):
     state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shapes, s_shard)
     step = make_train_step(model_cfg, tcfg, tx, lr)
     t0 = time.perf_counter()
-    with use_mesh(mesh):
+    with use_mesh(mesh), compile_for("tpu"):  # kernels traced as on TPU: Pallas, compiled Mosaic (not interpreted)
         lowered = jax.jit(step, out_shardings=(s_shard, replicated(mesh)), donate_argnums=0).lower(state, batch)
     p_shard = param_shardings(shapes, mesh, model_cfg.hidden_size)
     params_b = per_device_bytes(shapes, p_shard)
