@@ -4,6 +4,8 @@ Modules name logical axes (`batch`, `seq`, `embed`, `mlp`, `heads`, `vocab`, `ex
 the mesh axes `data`, `fsdp`, `tensor`, `expert` (a `seq` mesh axis can be added later without touching the model).
 Parameter axes are inferred from parameter names and shapes, so the model code stays free of sharding annotations.
 A dimension that a mesh axis does not divide is replicated instead (tiny models on many devices still run).
+Computations XLA cannot partition run per device under `shard_map`: Pallas kernels (`shard_kernel`) and the
+expert-parallel MoE dispatch (`shard_experts`: tokens over the batch axes, experts over `expert`).
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ def expert_capacity(capacity_factor: float, num_tokens: int, k: int, num_experts
 
 
 def dispatch_combine(x_ND, weights_NK, experts_NK, w_gate_up_EDF2, w_down_EFD, *, impl="auto",
-                     capacity_factor=0.0, interpret=None):
+                     capacity_factor=0.0):
     """Dropless (or capacity-limited) sorted dispatch through two grouped matmuls, combined with the weights."""
     N, D = x_ND.shape
     k = experts_NK.shape[-1]
@@ -65,25 +65,23 @@ def dispatch_combine(x_ND, weights_NK, experts_NK, w_gate_up_EDF2, w_down_EFD, *
         sorted_experts = flat_experts[order]
         rank = jnp.arange(N * k) - starts_E[sorted_experts]
         row_weights = jnp.where(rank < capacity, row_weights, 0.0)
-    y_sorted = grouped_swiglu(x_ND[token_of_row], group_sizes_E, w_gate_up_EDF2, w_down_EFD, impl=impl,
-                              interpret=interpret)
+    y_sorted = grouped_swiglu(x_ND[token_of_row], group_sizes_E, w_gate_up_EDF2, w_down_EFD, impl=impl)
     y_sorted = y_sorted * row_weights[:, None].astype(y_sorted.dtype)
     return jnp.zeros((N, D), y_sorted.dtype).at[token_of_row].add(y_sorted)
 
 
-def grouped_swiglu(x_MD, group_sizes_G, w_gate_up_GDF2, w_down_GFD, *, impl="auto", interpret=None):
+def grouped_swiglu(x_MD, group_sizes_G, w_gate_up_GDF2, w_down_GFD, *, impl="auto"):
     """SwiGLU experts on rows sorted by group: [M, D] -> [M, D]; rows past sum(group_sizes) give zeros."""
     F2 = w_gate_up_GDF2.shape[-1]
-    h_MF2 = gmm(x_MD, w_gate_up_GDF2, group_sizes_G, impl=impl, interpret=interpret,
-                preferred_element_type=x_MD.dtype)
+    h_MF2 = gmm(x_MD, w_gate_up_GDF2, group_sizes_G, impl=impl, preferred_element_type=x_MD.dtype)
     h_MF = jax.nn.silu(h_MF2[:, : F2 // 2]) * h_MF2[:, F2 // 2:]
-    return gmm(h_MF, w_down_GFD, group_sizes_G, impl=impl, interpret=interpret, preferred_element_type=x_MD.dtype)
+    return gmm(h_MF, w_down_GFD, group_sizes_G, impl=impl, preferred_element_type=x_MD.dtype)
 
 
-def expert_parallel_dispatch(cfg, interpret=None):
+def expert_parallel_dispatch(cfg):
     """The per-shard routed-expert computation for `shard_experts` (which passes the tokens' shard, the local
     experts' weights and the axis name); a capacity factor applies per expert to each shard's tokens."""
-    experts_fn = functools.partial(grouped_swiglu, impl=cfg.moe_impl, interpret=interpret)
+    experts_fn = functools.partial(grouped_swiglu, impl=cfg.moe_impl)
 
     def local(x_ND, weights_NK, experts_NK, w_gate_up_LDF2, w_down_LFD, *, axis_name):
         capacity = None
@@ -99,7 +97,6 @@ class MoE(nn.Module):
     """(y [B, T, D], router stats); the routed experts run expert-parallel when the active mesh splits them."""
 
     cfg: object
-    interpret: bool | None = None  # gmm's Pallas interpret mode (None: off on TPU); False to compile for TPU here
 
     @nn.compact
     def __call__(self, x_BTD, *, token_mask_BT):
@@ -116,12 +113,11 @@ class MoE(nn.Module):
         w_gate_up = self.param("gate_up_proj", init, (E, D, 2 * F), param_dtype).astype(dtype)
         w_down = self.param("down_proj", init, (E, F, D), param_dtype).astype(dtype)
         if expert_parallel_size(E) > 1:
-            y_ND = shard_experts(expert_parallel_dispatch(cfg, self.interpret), x_ND, weights_NK.astype(dtype),
-                                 experts_NK, w_gate_up, w_down)
+            y_ND = shard_experts(expert_parallel_dispatch(cfg), x_ND, weights_NK.astype(dtype), experts_NK, w_gate_up,
+                                 w_down)
         else:
             def local(x, w, e, wgu, wd):
-                return dispatch_combine(x, w, e, wgu, wd, impl=cfg.moe_impl, capacity_factor=cfg.capacity_factor,
-                                        interpret=self.interpret)
+                return dispatch_combine(x, w, e, wgu, wd, impl=cfg.moe_impl, capacity_factor=cfg.capacity_factor)
 
             args = (x_ND, weights_NK.astype(dtype), experts_NK, w_gate_up, w_down)
             if cfg.moe_impl == "pallas" or (cfg.moe_impl == "auto" and on_tpu()):

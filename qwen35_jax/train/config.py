@@ -54,6 +54,7 @@ class TrainConfig:
     optimizer: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     z_loss: float = 0.0
     router_aux_loss: bool = True
+    router_z_loss: float = 0.0  # coefficient of the router z-loss (ST-MoE uses 1e-3); 0 turns it off
     mtp_lambda: float = 0.1  # weight of the MTP loss (needs a model with mtp_num_layers: 1); 0 turns MTP off
     nonfinite: str = "stop"  # "stop" (save and stop) or "skip" (skip the update and go on)
     num_workers: int = 0
@@ -178,6 +179,7 @@ def validate(cfg: TrainConfig) -> None:
          f"optimizer.schedule {cfg.optimizer.schedule!r} is not one of cosine, wsd, constant")
     need(cfg.optimizer.lr > 0, f"optimizer.lr must be positive, got {cfg.optimizer.lr}")
     need(cfg.nonfinite in ("stop", "skip"), f"nonfinite {cfg.nonfinite!r} is not one of stop, skip")
+    need(cfg.z_loss >= 0 and cfg.router_z_loss >= 0, "z_loss and router_z_loss must be >= 0")
     need(isinstance(cfg.data, (dict, str)), "data must be a mapping (a data spec) or a path")
     need(isinstance(cfg.mesh, dict), f"mesh must be a mapping of axis sizes, got {cfg.mesh!r}")
     model = cfg.model_config()

@@ -1,4 +1,5 @@
-"""Training losses: masked cross-entropy, optional z-loss, and the global-batch load-balancing loss."""
+"""Training losses: masked cross-entropy, optional z-losses (logits, router), and the global-batch load-balancing
+loss."""
 
 from __future__ import annotations
 
@@ -26,6 +27,11 @@ def load_balancing_loss(stats, num_experts: int):
     f_E = jnp.sum(stats["counts"], axis=0) / tokens
     p_E = jnp.sum(stats["probs"], axis=0) / tokens
     return num_experts * jnp.sum(f_E * p_E)
+
+
+def router_z_loss(stats):
+    """ST-MoE router z-loss: mean over MoE layers and (non-padding) tokens of logsumexp(router logits)^2."""
+    return jnp.sum(stats["z_sq"]) / jnp.maximum(jnp.sum(stats["tokens"]), 1.0)
 
 
 def expert_load_imbalance(counts_LE):

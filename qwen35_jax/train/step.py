@@ -9,7 +9,7 @@ import optax
 from qwen35_jax.config import ModelConfig
 from qwen35_jax.model import forward
 from qwen35_jax.train.config import TrainConfig
-from qwen35_jax.train.losses import cross_entropy_sum, expert_load_imbalance, load_balancing_loss
+from qwen35_jax.train.losses import cross_entropy_sum, expert_load_imbalance, load_balancing_loss, router_z_loss
 
 BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
 
@@ -44,6 +44,10 @@ def loss_and_metrics(model_cfg: ModelConfig, tcfg: TrainConfig, params, batch, n
         if tcfg.router_aux_loss:
             total = total + model_cfg.router_aux_loss_coef * lb * batch["tokens"].shape[0] / tcfg.batch_size
         metrics["router_aux"] = lb
+        if tcfg.router_z_loss:
+            rz = router_z_loss(stats)
+            total = total + tcfg.router_z_loss * rz * batch["tokens"].shape[0] / tcfg.batch_size
+            metrics["router_z"] = rz
         metrics["expert_counts"] = stats["counts"]
     return total, metrics
 
@@ -79,8 +83,9 @@ def make_train_step(model_cfg: ModelConfig, tcfg: TrainConfig, tx, lr_schedule):
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
             (loss, metrics), grads = zeros
             (loss, grads, metrics), _ = jax.lax.scan(body, (loss, grads, metrics), micro)
-            if "router_aux" in metrics:
-                metrics["router_aux"] = metrics["router_aux"] / accum
+            for key in ("router_aux", "router_z"):  # per-micro-batch means: average them
+                if key in metrics:
+                    metrics[key] = metrics[key] / accum
         grad_norm = optax.tree.norm(grads) if hasattr(optax, "tree") else optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -93,6 +98,8 @@ def make_train_step(model_cfg: ModelConfig, tcfg: TrainConfig, tx, lr_schedule):
         if "expert_counts" in metrics:
             out["expert_imbalance"] = expert_load_imbalance(metrics.pop("expert_counts"))
             out["router_aux"] = metrics.pop("router_aux")
+        if "router_z" in metrics:
+            out["router_z_loss"] = metrics.pop("router_z")
         if "z_loss_sum" in metrics:
             out["z_loss"] = metrics.pop("z_loss_sum") / num_tokens
         if "mtp_loss_sum" in metrics:
