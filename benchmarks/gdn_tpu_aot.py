@@ -5,7 +5,7 @@ T in {4096, 32768}, on v5e, v5p and v6e: compile time, XLA's per-device memory, 
 per token (the kernels' own cost model, `pallas_tpu.kernel_cost`), the forward's HBM traffic against the fused
 minimum of kernels.md (bf16 q, k, v, o, fp32 g, bf16 beta read or written once: the goal is within 1.5x), and
 roofline times: the memory floor (bytes / HBM bandwidth) and the MXU time of the kernels' products with bf16 inputs
-(mxu="auto" -> bf16: one pass each, except the fp32 triangular inverse at about 6 bf16 passes).
+(mxu="auto" -> bf16: one pass each, except the triangular inverse at three bf16 passes, bf16x3).
 
     JAX_PLATFORMS=cpu .venv/bin/python benchmarks/gdn_tpu_aot.py --out benchmarks/results/gdn_tpu_aot.json
 """
@@ -24,7 +24,7 @@ from benchmarks.common import environment, markdown_table, write_json  # noqa: E
 # per chip: bf16 MXU peak (FLOP/s) and HBM bandwidth (B/s), kernels.md (v5p: 2 cores a chip)
 CHIPS = {"v5e": (197e12, 820e9, "v5e:2x2"), "v5p": (459e12, 2.46e12, "v5p:2x2x1"), "v6e": (920e12, 1.64e12, "v6e:2x2")}
 SHAPES = {"qwen3.5-397b": (16, 64), "qwen3-next": (16, 32)}
-F32_PASSES = 6  # fp32 HIGHEST matmul ~ 6 bf16 passes on the MXU
+INVERSE_PASSES = 3  # the inverse's products in bf16 mode: bf16x3
 
 
 def fused_minimum_bytes(Hk, Hv, d):
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
                 compiled = compile_one(devices, Hk, Hv, T)
                 fc, bc = (kernel_cost(1, T, Hk, Hv, 128, 128, backward=b) for b in (False, True))
                 f_flops, f_bytes, b_flops, b_bytes = fc["flops"], fc["bytes"], bc["flops"], bc["bytes"]
-                mxu_s = lambda c: (c["flops"] + (F32_PASSES - 1) * c["inverse_flops"]) / peak  # noqa: E731
+                mxu_s = lambda c: (c["flops"] + (INVERSE_PASSES - 1) * c["inverse_flops"]) / peak  # noqa: E731
                 minimum = fused_minimum_bytes(Hk, Hv, 128) * T
                 rec = {"chip": chip, "shape": shape, "T": T, "Hk": Hk, "Hv": Hv, "compiled": compiled,
                        "fwd_flops_per_token": f_flops / T, "fwd_bytes_per_token": f_bytes / T,
