@@ -189,13 +189,15 @@ def train(tcfg: TrainConfig) -> dict:
         ckpt.close()
         tel.close()
     summary.update(status=status, step=step, compile_s=compile_s, tokens_per_step=tokens_per_step)
-    if status == "completed" and is_main and tcfg.sample_tokens:
+    if status == "completed" and tcfg.sample_tokens:
         from qwen35_jax.train.sample import sample_text
 
+        # every process samples: parameters sharded across hosts need all of them in the collectives
         text = sample_text(model_cfg, state["params"], tokenizer, tcfg.sample_prompt, tcfg.sample_tokens,
                            seed=tcfg.seed)
-        (run_dir / "sample.txt").write_text(text)
-        print(f"--- sample ({tcfg.sample_tokens} tokens) written to {run_dir / 'sample.txt'} ---\n{text}\n---")
+        if is_main:
+            (run_dir / "sample.txt").write_text(text)
+            print(f"--- sample ({tcfg.sample_tokens} tokens) written to {run_dir / 'sample.txt'} ---\n{text}\n---")
     if is_main:
         write_json(run_dir / "summary.json", summary)
     return summary
