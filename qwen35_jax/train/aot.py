@@ -150,7 +150,7 @@ def aot_main(argv) -> int:
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--topology", required=True, help="e.g. v5p:8x8x8, v5e:4x4, v6e:8x8")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options before, between or after overrides
     tcfg = load_train_config(args.config, args.overrides)
     r = report(tcfg, args.topology)
     if args.json:

@@ -217,7 +217,7 @@ def train_main(argv) -> int:
     parser.add_argument("config", nargs="?", help="YAML under configs/train/ (name) or a path; none: embedded default")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nesting (optimizer.lr=1e-3)")
     add_distributed_args(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options before, between or after overrides
     if args.config and "=" in args.config:  # `qwen35 train steps=10`: overrides on the embedded default
         args.overrides.insert(0, args.config)
         args.config = None
@@ -233,7 +233,7 @@ def eval_main(argv) -> int:
     parser = argparse.ArgumentParser(prog="qwen35 eval", description="Score a run's newest checkpoint.")
     parser.add_argument("run_dir")
     parser.add_argument("overrides", nargs="*", help="e.g. eval_data='{kind: text, path: notes/}' eval_batches=16")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     run_dir = Path(args.run_dir)
     cfg_file = run_dir / "config.json"
     if not cfg_file.exists():
