@@ -8,6 +8,8 @@ decoding on a trained run (acceptance rate and speed-up over plain greedy decodi
 (b) With `--run DIR` (default runs/default, the embedded default's trained run, when present): greedy generation of
     `--new-tokens` tokens after a few code prompts, plain and with MTP drafts (k = 1, 2, 3), reporting tokens/s,
     the speed-up, the acceptance rate and tokens per verify step. Greedy speculative output is checked equal to plain.
+    The contenders alternate `--repeats` times; tokens/s and the speed-up are medians (the machine may be shared).
+    `--skip-context` runs only this part.
 
     JAX_PLATFORMS=cpu .venv/bin/python benchmarks/decode.py --out decode.json
 """
@@ -64,33 +66,33 @@ def context_table(args) -> list[dict]:
 
 
 def mtp_table(args) -> list[dict]:
+    """Plain greedy and MTP k = 1, 2, 3 on the same prompts, interleaved `--repeats` times (a burst of load from
+    elsewhere slows every contender of that repeat); tokens/s and speed-up are medians over the repeats."""
     from qwen35_jax.generate_cli import load_source
 
     cfg, params, tokenizer = load_source(args.run)
     cfg = cfg.replace(dtype="float32")
     prompts = [list(tokenizer.encode(p)) for p in PROMPTS]
-    results = {}
-    for k in [0] + list(args.draft_tokens):
-        spec = dict(speculative="mtp", draft_tokens=k) if k else {}
-        generate(cfg, params, [prompts[0]], max_new_tokens=args.new_tokens, **spec)  # compile (same cache shapes)
-        runs = [generate(cfg, params, [p], max_new_tokens=args.new_tokens, **spec) for p in prompts]
-        results[k] = runs
-    base = results[0]
+    ks = [0] + list(args.draft_tokens)
+    spec = {k: dict(speculative="mtp", draft_tokens=k) if k else {} for k in ks}
+    for k in ks:  # compile (every prompt fits one bucket: same shapes)
+        generate(cfg, params, [prompts[0]], max_new_tokens=args.new_tokens, **spec[k])
+    tps, runs = {k: [] for k in ks}, {}
+    for _ in range(args.repeats):
+        for k in ks:
+            runs[k] = [generate(cfg, params, [p], max_new_tokens=args.new_tokens, **spec[k]) for p in prompts]
+            tps[k].append(sum(r.stats["new_tokens"] - 1 for r in runs[k]) / sum(r.stats["decode_s"] for r in runs[k]))
     rows = []
-    for k, runs in results.items():
+    for k in ks:
+        row = {"decoding": f"MTP k={k}" if k else "plain greedy", "tokens/s": round(statistics.median(tps[k]), 1),
+               "speed-up": round(statistics.median(a / b for a, b in zip(tps[k], tps[0])), 2)}
         if k:
-            same = all(r.tokens == b.tokens for r, b in zip(runs, base))
-            if not same:
+            if any(r.tokens != b.tokens for r, b in zip(runs[k], runs[0])):
                 raise SystemExit(f"speculative greedy output differs from plain greedy at k={k}")
-        decode_s = sum(r.stats["decode_s"] for r in runs)
-        new = sum(r.stats["new_tokens"] - 1 for r in runs)
-        row = {"decoding": f"MTP k={k}" if k else "plain greedy", "tokens/s": round(new / decode_s, 1),
-               "speed-up": round((new / decode_s) / (sum(b.stats["new_tokens"] - 1 for b in base)
-                                                     / sum(b.stats["decode_s"] for b in base)), 2)}
-        if k:
-            rounds = sum(r.stats["rounds"] for r in runs)
-            row["acceptance"] = round(sum(r.stats["acceptance_rate"] * r.stats["rounds"] for r in runs) / rounds, 3)
-            row["tokens/step"] = round(sum(r.stats["tokens_per_round"] * r.stats["rounds"] for r in runs) / rounds, 2)
+            rounds = sum(r.stats["rounds"] for r in runs[k])
+            row["acceptance"] = round(sum(r.stats["acceptance_rate"] * r.stats["rounds"] for r in runs[k]) / rounds, 3)
+            row["tokens/step"] = round(sum(r.stats["tokens_per_round"] * r.stats["rounds"] for r in runs[k]) / rounds,
+                                       2)
         rows.append(row)
         print(row, flush=True)
     return rows
@@ -110,10 +112,14 @@ def main(argv=None) -> int:
     parser.add_argument("--run", default="runs/default")
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--draft-tokens", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-context", action="store_true", help="only the MTP table")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    result = {"environment": environment(), "context": context_table(args)}
-    print(table(result["context"]))
+    result = {"environment": environment()}
+    if not args.skip_context:
+        result["context"] = context_table(args)
+        print(table(result["context"]))
     if Path(args.run, "checkpoints").exists():
         result["mtp"] = mtp_table(args)
         print(table(result["mtp"]))

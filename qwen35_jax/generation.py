@@ -9,7 +9,9 @@ verifies them in one pass. Greedy output is identical to plain greedy; sampling 
 (accept a draft with probability min(1, p/q), otherwise sample from the normalised residual max(p - q, 0)), so it
 samples exactly from the main model's (filtered) distribution. A rejected suffix is rolled back by re-running the
 accepted prefix from the pre-verify cache with the rejected positions marked as padding (the GDN state and conv
-window skip padding; the KV caches never attend to it).
+window skip padding; the KV caches never attend to it). Rounds run on device like plain decoding's steps: up to
+`chunk` rounds per compiled `lax.while_loop` with fixed shapes (k+1 verify positions; the accepted count, the
+output write index and the stop condition are traced), so the host wakes up only to stream each chunk's tokens.
 """
 
 from __future__ import annotations
@@ -143,6 +145,7 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
 
     `on_tokens(new_tokens_per_prompt)` is called as tokens become available (streaming). Rows stop at the first
     token in `stop_tokens`. `speculative="mtp"` drafts `draft_tokens` tokens per step with the MTP head (batch 1).
+    `chunk` is the number of decode steps (speculative: draft-verify rounds) per compiled call.
     """
     s = Sampling(float(temperature), int(top_k), float(top_p))
     s.check(cfg.vocab_size)
@@ -157,7 +160,7 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
         if draft_tokens < 1:
             raise UserError(f"draft_tokens must be >= 1, got {draft_tokens}")
         return _generate_speculative(cfg, params, prompts[0], max_new_tokens, s, tuple(stop_tokens), seed,
-                                     draft_tokens, on_tokens)
+                                     draft_tokens, chunk, on_tokens)
     stop = set(int(t) for t in stop_tokens)
     tokens, seg, pos = _left_pad(prompts, PROMPT_BUCKET)
     B, P = tokens.shape
@@ -199,10 +202,11 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
 
 
 @functools.lru_cache(maxsize=16)
-def _speculative_programs(cfg: ModelConfig, s: Sampling, k: int):
-    """Jitted MTP prefill and one draft-verify round for batch 1 with `k` drafts."""
+def _speculative_programs(cfg: ModelConfig, s: Sampling, k: int, rounds: int = 16):
+    """Jitted programs for batch 1 with `k` drafts: `start` (prefill of the main model and the MTP head, first
+    drafts), `round_` (one draft-verify round) and `run_rounds` (up to `rounds` rounds in one compiled loop)."""
 
-    def draft_chain(params, u_1D, last_logits_1V, token, mtp_cache, pos, key):
+    def draft_chain(params, u_1D, last_logits_1V, mtp_cache, pos, key):
         """Drafts d_1 from `last_logits` and d_2..d_k by feeding the MTP hidden state back at positions pos, pos+1..
         (cache slots beyond the committed index are scratch). Returns drafts [k] and their draft log-probs [k, V]."""
         def draw(logits, key):
@@ -236,13 +240,13 @@ def _speculative_programs(cfg: ModelConfig, s: Sampling, k: int):
         mlogits, u, mtp_cache = mtp_forward_cached(cfg, params, hidden, nxt, mtp_cache, segment_ids=seg,
                                                    positions=pos)
         n = pos[0, -1] + 1  # committed length (the pending token's position)
-        drafts, logq = draft_chain(params, u[:, -1], mlogits[:, -1], y, mtp_cache, n, k2)
+        drafts, logq = draft_chain(params, u[:, -1], mlogits[:, -1], mtp_cache, n, k2)
         return y[0], drafts, logq, cache, mtp_cache
 
-    @jax.jit
-    def round_(params, cache, mtp_cache, y, drafts, logq, n, key):
-        """Verify [y, d_1..d_k] at positions n..n+k; returns emitted tokens [k+1] (first `a+1` valid), a, the next
-        pending token, next drafts and caches."""
+    def verify(params, cache, mtp_cache, y, drafts, logq, n, key):
+        """Verify [y, d_1..d_k] at positions n..n+k. Returns the tokens that follow each verified one [k+1] (the
+        first a+1 are new: d_1..d_a and the main model's next token), a, the next pending token, the next drafts
+        and caches (rolled back to position n+a)."""
         kv, kr, kd = jax.random.split(key, 3)
         toks = jnp.concatenate([y[None], drafts])[None]  # [1, k+1]
         positions = (n + jnp.arange(k + 1, dtype=jnp.int32))[None]
@@ -274,65 +278,76 @@ def _speculative_programs(cfg: ModelConfig, s: Sampling, k: int):
 
         new_cache = jax.lax.cond(a == k, lambda _: verified, rerun, None)
         new_cache = dict(new_cache, index=index0 + a + 1)
-        nxt = jnp.where(jnp.arange(k + 1) == a, y_next, jnp.concatenate([drafts, drafts[-1:]]))[None]
+        nxt = jnp.where(jnp.arange(k + 1) == a, y_next, jnp.concatenate([drafts, drafts[-1:]]))
         mtp_index0 = mtp_cache["index"]
-        mlogits, u, mtp_cache = mtp_forward_cached(cfg, params, hidden, nxt, mtp_cache, segment_ids=keep,
+        mlogits, u, mtp_cache = mtp_forward_cached(cfg, params, hidden, nxt[None], mtp_cache, segment_ids=keep,
                                                    positions=positions)
         mtp_cache = dict(mtp_cache, index=mtp_index0 + a + 1)
-        n_next = n + a + 1
-        new_drafts, new_logq = draft_chain(params, u[:, a], mlogits[:, a], y_next, mtp_cache, n_next, kd)
-        return toks[0], a, y_next, new_drafts, new_logq, new_cache, mtp_cache
+        new_drafts, new_logq = draft_chain(params, u[:, a], mlogits[:, a], mtp_cache, n + a + 1, kd)
+        return nxt, a, y_next, new_drafts, new_logq, new_cache, mtp_cache
 
-    return start, round_
+    @jax.jit
+    def run_rounds(params, state, stop_S, budget):
+        """Up to `rounds` rounds on device, ending early after a stop token in `stop_S` (-1 pads) or `budget` new
+        tokens. `state` = (cache, mtp_cache, pending y, drafts, logq, position n of y, key). Returns the state, the
+        new tokens [rounds * (k+1)] (the first `count` valid), count, rounds run, drafts accepted, done."""
+        L = rounds * (k + 1)
+
+        def cond(c):
+            return (c[3] < rounds) & ~c[5]
+
+        def body(c):
+            (cache, mtp_cache, y, drafts, logq, n, key), out_L, count, r, accepted, _ = c
+            key, sub = jax.random.split(key)
+            nxt, a, y, drafts, logq, cache, mtp_cache = verify(params, cache, mtp_cache, y, drafts, logq, n, sub)
+            # emit d_1..d_a and the next token, up to the first stop token and within the budget
+            stop_at = jnp.any(nxt[:, None] == stop_S[None, :], axis=1) & (jnp.arange(k + 1) <= a)
+            first_stop = jnp.where(jnp.any(stop_at), jnp.argmax(stop_at), k + 1)
+            m = jnp.minimum(jnp.minimum(a, first_stop) + 1, budget - count)
+            out_L = jax.lax.dynamic_update_slice(out_L, nxt, (count,))  # count <= L - (k+1) before the last round
+            done = (first_stop < m) | (count + m >= budget)
+            return (cache, mtp_cache, y, drafts, logq, n + a + 1, key), out_L, count + m, r + 1, accepted + a, done
+
+        zero = jnp.zeros((), jnp.int32)
+        init = (state, jnp.zeros((L,), jnp.int32), zero, zero, zero, jnp.zeros((), bool))
+        return jax.lax.while_loop(cond, body, init)
+
+    return start, jax.jit(verify), run_rounds
 
 
-def _generate_speculative(cfg, params, prompt, max_new_tokens, s, stop_tokens, seed, k, on_tokens):
-    stop = set(int(t) for t in stop_tokens)
+def _generate_speculative(cfg, params, prompt, max_new_tokens, s, stop_tokens, seed, k, rounds, on_tokens):
+    stop = sorted(set(int(t) for t in stop_tokens))
     tokens, seg, pos = _left_pad([prompt], PROMPT_BUCKET)
     P = tokens.shape[1]
-    max_len = P + max_new_tokens + 2 * k + 2
+    max_len = P + -(-max_new_tokens // PROMPT_BUCKET) * PROMPT_BUCKET + 2 * k + 2  # bucketed: fewer compiles
     cache, mtp_cache = init_cache(cfg, 1, max_len), init_mtp_cache(cfg, 1, max_len)
-    start, round_ = _speculative_programs(cfg, s, k)
+    start, _, run_rounds = _speculative_programs(cfg, s, k, rounds)
     key = jax.random.key(seed)
     key, sub = jax.random.split(key)
     t0 = time.perf_counter()
     y, drafts, logq, cache, mtp_cache = start(params, tokens, seg, pos, cache, mtp_cache, sub)
+    out = [int(y)]  # the first token comes from the prefill; every round adds 1 to k+1 more
     prefill_s = time.perf_counter() - t0
-    out, n = [], len(prompt)
-    accepted, rounds = 0, 0
-    y_host = int(y)
+    if on_tokens is not None:
+        on_tokens([out[:]])
+    stop_S = jnp.asarray(stop or [-1], jnp.int32)
+    state = (cache, mtp_cache, y, drafts, logq, jnp.int32(len(prompt)), key)
+    done = out[0] in stop or max_new_tokens == 1
+    total_rounds = accepted = 0
     t0 = time.perf_counter()
-    while True:
-        # y is the newest token: emit it, then verify the drafts that follow it
-        out.append(y_host)
-        if on_tokens is not None:
-            on_tokens([[y_host]])
-        if y_host in stop or len(out) >= max_new_tokens:
-            break
-        key, sub = jax.random.split(key)
-        toks, a, y, drafts, logq, cache, mtp_cache = round_(params, cache, mtp_cache, y, drafts, logq,
-                                                            jnp.int32(n), sub)
-        a, toks = int(a), np.asarray(toks)
-        rounds += 1
-        accepted += a
-        n += a + 1
-        finished = False
-        for t in toks[1:a + 1]:  # accepted drafts
-            out.append(int(t))
-            if on_tokens is not None:
-                on_tokens([[int(t)]])
-            if int(t) in stop or len(out) >= max_new_tokens:
-                finished = True
-                break
-        if finished:
-            break
-        y_host = int(y)
+    while not done:
+        state, new, count, r, acc, done = run_rounds(params, state, stop_S, jnp.int32(max_new_tokens - len(out)))
+        new = np.asarray(new)[:int(count)].tolist()
+        out += new
+        total_rounds, accepted, done = total_rounds + int(r), accepted + int(acc), bool(done)
+        if on_tokens is not None and new:
+            on_tokens([new])
     decode_s = time.perf_counter() - t0
     return GenerationResult([out], {
         "prefill_s": prefill_s, "decode_s": decode_s, "new_tokens": len(out),
-        "tokens_per_s": (len(out) - 1) / decode_s if decode_s > 0 else 0.0, "rounds": rounds,
-        "draft_tokens": k, "acceptance_rate": accepted / max(rounds * k, 1),
-        "tokens_per_round": (accepted + rounds) / max(rounds, 1)})
+        "tokens_per_s": (len(out) - 1) / decode_s if decode_s > 0 else 0.0, "rounds": total_rounds,
+        "draft_tokens": k, "acceptance_rate": accepted / max(total_rounds * k, 1),
+        "tokens_per_round": (accepted + total_rounds) / max(total_rounds, 1)})
 
 
 __all__ = ["generate", "GenerationResult", "Sampling", "sample", "filtered_log_probs"]

@@ -1,6 +1,6 @@
 """Generation: batched greedy equals the full forward and transformers' greedy `generate`; speculative MTP decoding
-equals plain greedy (and the verify round accepts exactly the right prefix and rolls the caches back); the CLI;
-clear errors for bad input."""
+equals plain greedy (the verify round accepts exactly the right prefix and rolls the caches back; the compiled round
+loop stops at a stop token or the token budget inside a round); the CLI; clear errors for bad input."""
 
 import subprocess
 import sys
@@ -90,7 +90,7 @@ def test_verify_round_accepts_the_correct_prefix_and_rolls_back(model, right):
     prompt = list(np.random.default_rng(2).integers(0, 61, 9))
     truth = generate(cfg, params, [prompt], max_new_tokens=k + 4).tokens[0]  # = full-forward greedy (tested above)
     s = Sampling()
-    start, round_ = _speculative_programs(cfg, s, k)
+    start, round_, _ = _speculative_programs(cfg, s, k)
     tokens, seg, pos = _left_pad([prompt], PROMPT_BUCKET)
     cache, mtp_cache = init_cache(cfg, 1, 64), init_mtp_cache(cfg, 1, 64)
     y, _, logq, cache, mtp_cache = start(params, tokens, seg, pos, cache, mtp_cache, jax.random.key(0))
@@ -109,6 +109,43 @@ def test_verify_round_accepts_the_correct_prefix_and_rolls_back(model, right):
         logits, _, cache = forward_cached(cfg, params, jnp.array([[tok]]), cache, positions=jnp.array([[n + i]]))
         tok = int(jnp.argmax(logits[0, 0]))
         assert tok == truth[right + 2 + i]
+
+
+@pytest.fixture(scope="module")
+def counting_model(model):
+    """Next token = token + 1 (mod 32): one-hot embeddings, a shifted-identity LM head, blocks scaled down to small
+    perturbations. The MTP head drafts the same, except that its embedding input swaps 14<->15 and 22<->23: long
+    accepted runs and a few rejections."""
+    V = 32
+    cfg, params = model  # the blocks do not depend on the vocabulary: reuse them
+    cfg = cfg.replace(vocab_size=V, tie_word_embeddings=False)
+    eye = np.eye(V, dtype=np.float32)
+    swap = np.arange(V)
+    swap[[14, 15, 22, 23]] = [15, 14, 23, 22]
+    small = lambda tree: jax.tree.map(lambda x: 0.1 * x, tree)  # noqa: E731
+    mtp = dict(params["mtp"], fc={"kernel": jnp.asarray(np.concatenate([eye[swap], 0 * eye]))},
+               layers_0=small(params["mtp"]["layers_0"]))
+    return cfg, dict(params, embed_tokens={"embedding": jnp.asarray(eye)}, lm_head=jnp.asarray(np.roll(eye, 1, 1)),
+                     layers=small(params["layers"]), mtp=mtp)
+
+
+def test_compiled_speculative_loop_stops_inside_a_round(counting_model):
+    """A stop token in the middle of an accepted draft run, and max_new_tokens ending inside a round: the on-device
+    loop emits exactly plain greedy's tokens, truncated at the same place."""
+    cfg, params = counting_model
+    prompt, k = [3, 4, 5], 3
+    plain = generate(cfg, params, [prompt], max_new_tokens=24).tokens[0]
+    assert plain == list(range(6, 30))
+    spec = generate(cfg, params, [prompt], max_new_tokens=24, speculative="mtp", draft_tokens=k)
+    assert spec.tokens[0] == plain
+    # 6 from the prefill, then rounds [7 8 9 10] [11 12 13 14] [15] [16] [17 18 19 20] [21 22 23] [24] [25 26 27 28]
+    # and [29 ..] (cut by the budget): 17 of 27 drafts accepted
+    assert spec.stats["rounds"] == 9 and spec.stats["acceptance_rate"] == 17 / 27
+    streamed = []
+    out = generate(cfg, params, [prompt], max_new_tokens=16, stop_tokens=[31, 8], speculative="mtp", draft_tokens=k,
+                   on_tokens=streamed.append)
+    assert out.tokens[0] == [6, 7, 8] and [t for c in streamed for t in c[0]] == out.tokens[0]
+    assert generate(cfg, params, [prompt], max_new_tokens=13, speculative="mtp", draft_tokens=k).tokens[0] == plain[:13]
 
 
 def test_bad_input_is_a_clear_error(model):
