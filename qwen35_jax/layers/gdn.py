@@ -38,6 +38,22 @@ def a_log_init(key, shape, dtype):
     return jnp.log(jax.random.uniform(key, shape, jnp.float32, 0.01, 16.0)).astype(dtype)
 
 
+DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4
+
+
+def dt_bias_init(key, shape, dtype):
+    """Mamba2 / flash-linear-attention's time-step init: softplus(dt_bias) = dt, log-uniform in [1e-3, 1e-1].
+
+    transformers fills dt_bias with ones (it only ever loads trained weights): with A = exp(A_log) up to 16 that is
+    a per-token decay exp(-1.31 A), so a freshly initialised layer forgets everything within a token or two, and
+    the small gradients through that decay keep it there (Gated DeltaNet stayed at chance on MQAR). The log-uniform
+    dt gives decays from about 1.0 to exp(-1.6) per token at init.
+    """
+    log_dt = jax.random.uniform(key, shape, jnp.float32, jnp.log(DT_MIN), jnp.log(DT_MAX))
+    dt = jnp.maximum(jnp.exp(log_dt), DT_FLOOR)
+    return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)  # the inverse of softplus
+
+
 def conv_init(key, shape, dtype):
     # torch's Conv1d default (kaiming-uniform, a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = kernel size.
     bound = shape[0] ** -0.5
@@ -96,7 +112,7 @@ class GatedDeltaNet(nn.Module):
         q_BTHK = qkv_BTC[..., : Hk * dk].reshape(B, T, Hk, dk)
         k_BTHK = qkv_BTC[..., Hk * dk: 2 * Hk * dk].reshape(B, T, Hk, dk)
         v_BTHV = qkv_BTC[..., 2 * Hk * dk:].reshape(B, T, Hv, dv)
-        dt_bias = self.param("dt_bias", nn.initializers.ones, (Hv,), param_dtype)
+        dt_bias = self.param("dt_bias", dt_bias_init, (Hv,), param_dtype)
         A_log = self.param("A_log", a_log_init, (Hv,), param_dtype)
         beta_BTH = jax.nn.sigmoid(b_BTH)
         g_BTH = -jnp.exp(A_log.astype(f32)) * jax.nn.softplus(a_BTH.astype(f32) + dt_bias.astype(f32))

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 from pallas_kernels.gated_delta_rule import chunk_gated_delta_rule
 from pallas_kernels.gated_delta_rule.reference import document_starts, l2norm
 from qwen35_jax.layers.common import accum_dtype, dense_init, dtypes
-from qwen35_jax.layers.gdn import DECODE_RECURRENT_MAX, GatedDeltaNet, a_log_init, causal_depthwise_conv, conv_init
+from qwen35_jax.layers.gdn import (DECODE_RECURRENT_MAX, GatedDeltaNet, a_log_init, causal_depthwise_conv, conv_init,
+                                  dt_bias_init)
 from qwen35_jax.layers.norms import GatedRMSNorm
 
 HI = jax.lax.Precision.HIGHEST
@@ -163,7 +164,7 @@ class LinearAttentionBlock(nn.Module):
         k_BTHK = qkv_BTC[..., Hk * dk: 2 * Hk * dk].reshape(B, T, Hk, dk)
         v_BTHV = qkv_BTC[..., 2 * Hk * dk:].reshape(B, T, Hv, dv)
         if self.decay:
-            dt_bias = self.param("dt_bias", nn.initializers.ones, (Hv,), param_dtype)
+            dt_bias = self.param("dt_bias", dt_bias_init, (Hv,), param_dtype)
             A_log = self.param("A_log", a_log_init, (Hv,), param_dtype)
             g_BTH = -jnp.exp(A_log.astype(f32)) * jax.nn.softplus(a_BTH.astype(f32) + dt_bias.astype(f32))
         step_by_step = cache is not None and T <= DECODE_RECURRENT_MAX
