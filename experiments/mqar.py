@@ -62,10 +62,26 @@ def mqar(num_examples: int, seq_len: int, *, vocab_size: int, num_kv_pairs: int,
             "loss_mask": (targets != IGNORE).astype(np.float32)}
 
 
-def mqar_accuracy(logits, batch) -> float:
-    """Share of scored positions (`loss_mask`) where argmax(logits [N, T, V]) equals the target value."""
+def mqar_scores(logits, batch) -> dict[str, float]:
+    """Over the scored positions (`loss_mask`) of argmax(logits [N, T, V]):
+
+    - accuracy: the prediction is the target value;
+    - value_in_context: the prediction is one of the row's values, right or wrong. A model that has learnt "answer
+      with a value from this row" but not which one sits at accuracy ~ 1 / num_kv_pairs with this near 1: the
+      plateau MQAR training crosses before recall (the induction-style lookup) forms.
+    """
     pred = np.asarray(logits).argmax(-1)
     mask = np.asarray(batch["loss_mask"]) > 0
     if pred.shape != mask.shape:
         raise ValueError(f"logits {tuple(np.shape(logits))} do not match MQAR batch targets {mask.shape}")
-    return float((pred == np.asarray(batch["targets"]))[mask].mean()) if mask.any() else float("nan")
+    if not mask.any():
+        return {"accuracy": float("nan"), "value_in_context": float("nan")}
+    targets = np.asarray(batch["targets"])
+    row_values = np.where(mask, targets, -1)  # each row's values sit at its scored positions, once each
+    in_row = (pred[:, :, None] == row_values[:, None, :]).any(-1)
+    return {"accuracy": float((pred == targets)[mask].mean()), "value_in_context": float(in_row[mask].mean())}
+
+
+def mqar_accuracy(logits, batch) -> float:
+    """Share of scored positions (`loss_mask`) where argmax(logits [N, T, V]) equals the target value."""
+    return mqar_scores(logits, batch)["accuracy"]

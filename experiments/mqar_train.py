@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from experiments.mqar import mqar, mqar_accuracy
+from experiments.mqar import mqar, mqar_scores
 from qwen35_jax.config import ModelConfig
 from qwen35_jax.model import forward, init_params
 from qwen35_jax.train.config import OptimConfig
@@ -65,10 +65,11 @@ def programs(cfg: ModelConfig, steps: int, warmup_steps: int, weight_decay: floa
     return jax.jit(init), jax.jit(step, donate_argnums=0), jax.jit(lambda p, t: forward(cfg, p, t))
 
 
-def evaluate(logits_fn, params, data: dict, batch_size: int) -> float:
-    """Test accuracy over all rows, in chunks of `batch_size` (the last chunk padded with unscored rows)."""
+def evaluate(logits_fn, params, data: dict, batch_size: int) -> dict[str, float]:
+    """`mqar_scores` (accuracy, value_in_context) over all rows, in chunks of `batch_size` (the last chunk padded with
+    unscored rows)."""
     n = len(data["tokens"])
-    correct, scored = 0.0, 0.0
+    totals, scored = {}, 0.0
     for start in range(0, n, batch_size):
         chunk = {k: v[start:start + batch_size] for k, v in data.items()}
         rows = len(chunk["tokens"])
@@ -79,9 +80,12 @@ def evaluate(logits_fn, params, data: dict, batch_size: int) -> float:
         logits = np.asarray(logits_fn(params, chunk["tokens"]))
         mask_sum = float(chunk["loss_mask"].sum())
         if mask_sum:
-            correct += mqar_accuracy(logits, chunk) * mask_sum
+            for name, value in mqar_scores(logits, chunk).items():
+                totals[name] = totals.get(name, 0.0) + value * mask_sum
             scored += mask_sum
-    return correct / scored if scored else float("nan")
+    if not scored:
+        return {"accuracy": float("nan"), "value_in_context": float("nan")}
+    return {name: total / scored for name, total in totals.items()}
 
 
 def train_mqar(cfg: ModelConfig, *, seq_len: int, lr: float, settings: dict, seed: int = 0, desc: str = "mqar"):
@@ -119,10 +123,10 @@ def train_mqar(cfg: ModelConfig, *, seq_len: int, lr: float, settings: dict, see
             bar.set_postfix(loss=f"{recent:.3f}", refresh=False)
     bar.close()
     train_s = time.perf_counter() - t0
-    accuracy = evaluate(logits_fn, state["params"], test, s["eval_batch_size"])
+    scores = evaluate(logits_fn, state["params"], test, s["eval_batch_size"])
     final_loss = curve[-1][1] if curve else float("nan")
     timed_steps = max(s["steps"] - 1, 1)
-    metrics = {"accuracy": accuracy, "train_loss": final_loss,
+    metrics = {**scores, "train_loss": final_loss,
                "tokens_per_s": timed_steps * B * seq_len / max(train_s, 1e-9)}
     return {"metrics": metrics, "train_loss": curve}
 

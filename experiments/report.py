@@ -82,10 +82,14 @@ def markdown(experiment: str, task: str, results: list[dict], profiles: list[dic
             params = next(r["params"] for r in results if r["label"] == label)
             cells = [_fmt(best[(label, t)]["metrics"].get(name)) if (label, t) in best else "" for t in seq_lens]
             lines.append(f"| {label} | {params:,} | " + " | ".join(cells) + " |")
-        lines += ["", "## Per sequence length", "", "| variant | T | state size (floats) | accuracy | best lr |",
-                  "|---|---:|---:|---:|---:|"]
+        lines += ["", "## Per sequence length", "",
+                  "value in context: the share of answers that are one of the row's values, right or wrong; near 1 "
+                  "with accuracy near 1/pairs is the plateau before recall forms.", "",
+                  "| variant | T | state size (floats) | accuracy | value in context | best lr |",
+                  "|---|---:|---:|---:|---:|---:|"]
         for (label, t), r in sorted(best.items(), key=lambda kv: (labels.index(kv[0][0]), kv[0][1])):
-            lines.append(f"| {label} | {t} | {r['state_size']:,} | {_fmt(r['metrics'].get(name))} | {_lr(r['lr'])} |")
+            lines.append(f"| {label} | {t} | {r['state_size']:,} | {_fmt(r['metrics'].get(name))} "
+                         f"| {_fmt(r['metrics'].get('value_in_context'))} | {_lr(r['lr'])} |")
     else:
         lines += ["## Validation loss, best over learning rates", "",
                   "| variant | params | state size (floats) | val loss | best lr | attention-sink share | tokens/s |",

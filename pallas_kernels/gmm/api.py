@@ -49,6 +49,11 @@ def _check_tiling(tiling, k, n, what):
         raise ValueError(f"{what}: tiling (tm, tk, tn)={tiling} must have tm > 0, tk dividing K={k}, tn dividing N={n}")
 
 
+def resolve_impl(impl: str) -> str:
+    """The implementation `impl` names here: "auto" is "pallas" on TPU (or under `compile_for("tpu")`), else "xla"."""
+    return _resolve(impl, None)[0]
+
+
 def _resolve(impl, interpret):
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")

@@ -15,8 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.gmm import gmm
-from pallas_kernels.target import on_tpu
+from pallas_kernels.gmm import gmm, resolve_impl
 from qwen35_jax.layers.common import accum_dtype, dense_init, dtypes
 from qwen35_jax.layers.mlp import SwiGLU
 from qwen35_jax.layers.moe_ep import ep_dispatch_combine
@@ -120,7 +119,7 @@ class MoE(nn.Module):
                 return dispatch_combine(x, w, e, wgu, wd, impl=cfg.moe_impl, capacity_factor=cfg.capacity_factor)
 
             args = (x_ND, weights_NK.astype(dtype), experts_NK, w_gate_up, w_down)
-            if cfg.moe_impl == "pallas" or (cfg.moe_impl == "auto" and on_tpu()):
+            if resolve_impl(cfg.moe_impl) == "pallas":
                 # Mosaic kernels cannot be partitioned by XLA: run per token shard, expert weights gathered
                 tokens, weights = ("batch", None), (None, None, None)
                 (y_ND,) = shard_kernel(lambda *a: (local(*a),), args, (tokens, tokens, tokens, weights, weights),

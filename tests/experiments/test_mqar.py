@@ -4,7 +4,7 @@ determinism, and the accuracy metric."""
 import numpy as np
 import pytest
 
-from experiments.mqar import IGNORE, mqar, mqar_accuracy
+from experiments.mqar import IGNORE, mqar, mqar_accuracy, mqar_scores
 
 V, T, P = 128, 64, 8
 
@@ -58,6 +58,23 @@ def test_accuracy_and_bad_input(batch):
     assert mqar_accuracy(logits, batch) == pytest.approx(1 - 1 / len(rows))
     with pytest.raises(ValueError, match="num_kv_pairs"):
         mqar(2, 16, vocab_size=V, num_kv_pairs=5)
+
+
+def test_value_in_context_is_the_plateau_diagnostic(batch):
+    """Answering every query of a row with that row's first value: accuracy 1/P, value_in_context 1; answering
+    with the next row's values (distinct from this row's with high probability) counts only the coincidences."""
+    rows, cols = np.nonzero(batch["loss_mask"])
+    first_value = batch["tokens"][:, 1]  # k1 v1 ...: the row's first value
+    logits = np.zeros((200, T, V), np.float32)
+    logits[rows, cols, first_value[rows]] = 1.0
+    scores = mqar_scores(logits, batch)
+    assert scores["accuracy"] == pytest.approx(1 / P) and scores["value_in_context"] == 1.0
+    logits[:] = 0.0
+    other = np.roll(batch["tokens"][:, 1], 1)[rows]
+    logits[rows, cols, other] = 1.0
+    own_values = [set(batch["tokens"][n, 1:2 * P:2]) for n in range(200)]
+    expected = np.mean([o in own_values[n] for n, o in zip(rows, other)])
+    assert mqar_scores(logits, batch)["value_in_context"] == pytest.approx(expected)
     with pytest.raises(ValueError, match="even"):
         mqar(2, 33, vocab_size=V, num_kv_pairs=2)
     with pytest.raises(ValueError, match="vocab_size"):
