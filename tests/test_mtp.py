@@ -59,3 +59,25 @@ def test_mtp_logits_use_next_token_and_are_causal():
     out = np.asarray(aux2["mtp_logits"])
     np.testing.assert_allclose(out[0, :6], base[0, :6], rtol=1e-5, atol=1e-6)
     assert not np.allclose(out[0, 6], base[0, 6])
+
+
+def test_mtp_router_joins_the_load_balancing_loss():
+    """With MTP training on a MoE model, the MTP layer's router statistics are pooled with the main layers' in the
+    load-balancing loss and the expert-count metric (one more row)."""
+    from qwen35_jax.train.config import load_train_config
+    from qwen35_jax.train.losses import load_balancing_loss
+    from qwen35_jax.train.step import loss_and_metrics
+
+    cfg = mtp_cfg(True)
+    params = init_params(cfg, jax.random.key(0))
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12))
+    batch = {"tokens": tokens, "targets": np.roll(tokens, -1, 1), "segment_ids": np.ones_like(tokens),
+             "positions": np.broadcast_to(np.arange(12), tokens.shape), "loss_mask": np.ones(tokens.shape, np.float32)}
+    tcfg = load_train_config(None, {"mtp_lambda": 0.3, "batch_size": 2, "seq_len": 12})
+    _, metrics = loss_and_metrics(cfg, tcfg, params, batch, 24.0)
+    _, aux = forward(cfg, params, tokens, mtp_tokens=batch["targets"], return_aux=True)
+    main, mtp = aux["router"], aux["mtp_router"]
+    pooled = {k: np.concatenate([np.asarray(main[k]), np.asarray(mtp[k])[None]]) for k in main}
+    assert metrics["expert_counts"].shape == (cfg.num_layers + 1, cfg.num_experts)
+    np.testing.assert_allclose(metrics["router_aux"], load_balancing_loss(pooled, cfg.num_experts), rtol=1e-6)
+    assert abs(float(metrics["router_aux"]) - float(load_balancing_loss(main, cfg.num_experts))) > 1e-6

@@ -39,6 +39,8 @@ def loss_and_metrics(model_cfg: ModelConfig, tcfg: TrainConfig, params, batch, n
         total = total + tcfg.z_loss * z_sum / num_tokens
         metrics["z_loss_sum"] = z_sum
     stats = aux["router"]
+    if stats is not None and aux.get("mtp_router") is not None:  # the MTP layer's router is balanced with the rest
+        stats = jax.tree.map(lambda main, mtp: jnp.concatenate([main, mtp[None]]), stats, aux["mtp_router"])
     if stats is not None:
         lb = load_balancing_loss(stats, model_cfg.num_experts)
         if tcfg.router_aux_loss:
