@@ -162,6 +162,21 @@ def plots(out_dir: Path, task: str, results: list[dict], profiles: list[dict]) -
         axes[0][0].set_ylabel("test accuracy (best lr)")
         axes[0][-1].legend(fontsize=7, loc="best")
         save(fig, "mqar_accuracy_vs_state_size.png")
+        fig, axes = plt.subplots(1, len(seq_lens), figsize=(4.2 * len(seq_lens), 3.6), squeeze=False, sharey=True)
+        for ax, t in zip(axes[0], seq_lens):
+            runs = [r for (_, tt), r in best.items() if tt == t]
+            for r in runs:
+                ax.plot([s for s, _ in r["train_loss"]], [v for _, v in r["train_loss"]], label=r["label"], lw=1)
+            settings = runs[0]["spec"].get("settings", {})
+            if "vocab_size" in settings and "num_kv_pairs" in settings:  # the two reference levels
+                vocab, pairs = settings["vocab_size"], settings["num_kv_pairs"]
+                ax.axhline(math.log(vocab - vocab // 2), color="grey", ls=":", lw=1)  # uniform over all values
+                ax.axhline(math.log(pairs), color="grey", ls="--", lw=1)  # uniform over the row's values
+            ax.set(title=f"MQAR, T={t} (dotted: chance; dashed: row's values)", xlabel="step")
+            ax.title.set_fontsize(8)
+        axes[0][0].set_ylabel("train loss on the answers (best lr)")
+        axes[0][-1].legend(fontsize=7, loc="best")
+        save(fig, "mqar_loss_curves.png")
     if task == "lm" and results:
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         for label in labels:

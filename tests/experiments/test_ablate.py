@@ -43,7 +43,7 @@ def test_micro_mqar_sweep_writes_results_and_resumes(tmp_path, capsys, monkeypat
 
     md = (out / "results.md").read_text()
     assert "| attention |" in md and "| linear |" in md and "4 of 4 runs finished" in md
-    for name in ("mqar_accuracy_vs_state_size.png", "throughput_vs_seq_len.png", "memory_vs_seq_len.png"):
+    for name in ("mqar_accuracy_vs_state_size.png", "mqar_loss_curves.png", "throughput_vs_seq_len.png", "memory_vs_seq_len.png"):
         assert (out / name).stat().st_size > 1000, name
 
     # A rerun trains nothing and profiles nothing: every run and profile is read back from its file.
@@ -82,11 +82,11 @@ def test_micro_lm_sweep_trains_and_measures_the_sink(tmp_path, capsys):
 
 
 def test_shards_split_the_grid(capsys):
-    sweep = load_sweep("mqar")
-    assert ablate_main(["mqar", "--list", "--shard", "1/5"]) == 0
+    sweep = load_sweep("mqar", ["lrs=[1e-3, 3e-3, 1e-2]"])
+    assert ablate_main(["mqar", "lrs=[1e-3, 3e-3, 1e-2]", "--list", "--shard", "1/5"]) == 0
     listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
     assert listed == [r.run_id for r in sweep.runs[1::5]]
-    assert len({r.run_id for r in sweep.runs}) == len(sweep.runs) == 8 * 3 * 3
+    assert len({r.run_id for r in sweep.runs}) == len(sweep.runs) == 9 * 3 * 3  # variants x lengths x lrs
 
 
 @pytest.mark.parametrize("change, key", [
