@@ -62,6 +62,9 @@ def mqar(num_examples: int, seq_len: int, *, vocab_size: int, num_kv_pairs: int,
             "loss_mask": (targets != IGNORE).astype(np.float32)}
 
 
+SCORES = ("accuracy", "value_in_context")
+
+
 def mqar_scores(logits, batch) -> dict[str, float]:
     """Over the scored positions (`loss_mask`) of argmax(logits [N, T, V]):
 
@@ -75,7 +78,7 @@ def mqar_scores(logits, batch) -> dict[str, float]:
     if pred.shape != mask.shape:
         raise ValueError(f"logits {tuple(np.shape(logits))} do not match MQAR batch targets {mask.shape}")
     if not mask.any():
-        return {"accuracy": float("nan"), "value_in_context": float("nan")}
+        return dict.fromkeys(SCORES, float("nan"))
     targets = np.asarray(batch["targets"])
     row_values = np.where(mask, targets, -1)  # each row's values sit at its scored positions, once each
     in_row = (pred[:, :, None] == row_values[:, None, :]).any(-1)

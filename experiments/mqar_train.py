@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from experiments.mqar import mqar, mqar_scores
+from experiments.mqar import SCORES, mqar, mqar_scores
 from qwen35_jax.config import ModelConfig
 from qwen35_jax.model import forward, init_params
 from qwen35_jax.train.config import OptimConfig
@@ -69,7 +69,7 @@ def evaluate(logits_fn, params, data: dict, batch_size: int) -> dict[str, float]
     """`mqar_scores` (accuracy, value_in_context) over all rows, in chunks of `batch_size` (the last chunk padded with
     unscored rows)."""
     n = len(data["tokens"])
-    totals, scored = {}, 0.0
+    totals, scored = dict.fromkeys(SCORES, 0.0), 0.0
     for start in range(0, n, batch_size):
         chunk = {k: v[start:start + batch_size] for k, v in data.items()}
         rows = len(chunk["tokens"])
@@ -81,11 +81,9 @@ def evaluate(logits_fn, params, data: dict, batch_size: int) -> dict[str, float]
         mask_sum = float(chunk["loss_mask"].sum())
         if mask_sum:
             for name, value in mqar_scores(logits, chunk).items():
-                totals[name] = totals.get(name, 0.0) + value * mask_sum
+                totals[name] += value * mask_sum
             scored += mask_sum
-    if not scored:
-        return {"accuracy": float("nan"), "value_in_context": float("nan")}
-    return {name: total / scored for name, total in totals.items()}
+    return {name: total / scored if scored else float("nan") for name, total in totals.items()}
 
 
 def train_mqar(cfg: ModelConfig, *, seq_len: int, lr: float, settings: dict, seed: int = 0, desc: str = "mqar"):

@@ -38,7 +38,7 @@ def a_log_init(key, shape, dtype):
     return jnp.log(jax.random.uniform(key, shape, jnp.float32, 0.01, 16.0)).astype(dtype)
 
 
-DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4
+DT_MIN, DT_MAX = 1e-3, 1e-1
 
 
 def dt_bias_init(key, shape, dtype):
@@ -50,7 +50,7 @@ def dt_bias_init(key, shape, dtype):
     dt gives decays from about 1.0 to exp(-1.6) per token at init.
     """
     log_dt = jax.random.uniform(key, shape, jnp.float32, jnp.log(DT_MIN), jnp.log(DT_MAX))
-    dt = jnp.maximum(jnp.exp(log_dt), DT_FLOOR)
+    dt = jnp.exp(log_dt)
     return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)  # the inverse of softplus
 
 

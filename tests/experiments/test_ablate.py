@@ -43,7 +43,8 @@ def test_micro_mqar_sweep_writes_results_and_resumes(tmp_path, capsys, monkeypat
 
     md = (out / "results.md").read_text()
     assert "| attention |" in md and "| linear |" in md and "4 of 4 runs finished" in md
-    for name in ("mqar_accuracy_vs_state_size.png", "mqar_loss_curves.png", "throughput_vs_seq_len.png", "memory_vs_seq_len.png"):
+    for name in ("mqar_accuracy_vs_state_size.png", "mqar_loss_curves.png", "throughput_vs_seq_len.png",
+                 "memory_vs_seq_len.png"):
         assert (out / name).stat().st_size > 1000, name
 
     # A rerun trains nothing and profiles nothing: every run and profile is read back from its file.

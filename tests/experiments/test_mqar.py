@@ -58,6 +58,10 @@ def test_accuracy_and_bad_input(batch):
     assert mqar_accuracy(logits, batch) == pytest.approx(1 - 1 / len(rows))
     with pytest.raises(ValueError, match="num_kv_pairs"):
         mqar(2, 16, vocab_size=V, num_kv_pairs=5)
+    with pytest.raises(ValueError, match="even"):
+        mqar(2, 33, vocab_size=V, num_kv_pairs=2)
+    with pytest.raises(ValueError, match="vocab_size"):
+        mqar(2, 64, vocab_size=10, num_kv_pairs=8)
 
 
 def test_value_in_context_is_the_plateau_diagnostic(batch):
@@ -75,7 +79,3 @@ def test_value_in_context_is_the_plateau_diagnostic(batch):
     own_values = [set(batch["tokens"][n, 1:2 * P:2]) for n in range(200)]
     expected = np.mean([o in own_values[n] for n, o in zip(rows, other)])
     assert mqar_scores(logits, batch)["value_in_context"] == pytest.approx(expected)
-    with pytest.raises(ValueError, match="even"):
-        mqar(2, 33, vocab_size=V, num_kv_pairs=2)
-    with pytest.raises(ValueError, match="vocab_size"):
-        mqar(2, 64, vocab_size=10, num_kv_pairs=8)
