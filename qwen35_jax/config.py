@@ -54,6 +54,7 @@ class ModelConfig:
     rope_theta: float = 1.0e7
     attn_output_gate: str = "elementwise"  # "elementwise" (Qwen3.5), "headwise", "none"
     sliding_window: int = 0  # 0: full causal attention
+    attention_impl: str = "auto"  # "auto", "xla_dense", "xla_blocked", "splash" (pallas_kernels.flash_attention)
     # Gated DeltaNet.
     gdn_num_key_heads: int = 2
     gdn_num_value_heads: int = 4
@@ -207,6 +208,9 @@ def validate(cfg: ModelConfig) -> None:
         need(getattr(cfg, f) in ("float32", "bfloat16", "float64", "float16"),
              f"{f} {getattr(cfg, f)!r} is not a float dtype name")
     need(cfg.gdn_impl in ("auto", "xla", "pallas", "recurrent"), f"gdn_impl {cfg.gdn_impl!r} is unknown")
+    need(cfg.attention_impl in ("auto", "xla_dense", "xla_blocked", "splash"),
+         f"attention_impl {cfg.attention_impl!r} is not one of auto, xla_dense, xla_blocked, splash")
+    need(cfg.sliding_window >= 0, f"sliding_window must be >= 0 (0: full attention), got {cfg.sliding_window}")
     need(cfg.gdn_conv_kernel >= 1, "gdn_conv_kernel must be >= 1")
     need(cfg.mtp_num_layers in (0, 1), f"mtp_num_layers={cfg.mtp_num_layers}: the released design has 0 or 1")
 
