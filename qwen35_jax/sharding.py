@@ -27,7 +27,7 @@ DEFAULT_RULES = {
     "batch": ("data", "fsdp", "expert"),
     "tokens": ("data", "fsdp", "expert", "sequence"),  # a flattened [batch * seq] axis
     "seq": ("sequence",),
-    "embed": ("fsdp",),
+    "embed": ("fsdp", "sequence"),  # parameters: the devices of a sequence group also shard the weights (ZeRO-3)
     "mlp": ("tensor",),
     "heads": ("tensor",),
     "vocab": ("tensor",),
