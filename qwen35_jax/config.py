@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from qwen35_jax.vision_config import VisionConfig, vision_from_value
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 # Token mixers by name; one letter each for compact patterns such as "GGGA".
@@ -89,6 +91,8 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    # Vision tower (qwen35_jax/vision_config.py); None: text only.
+    vision: VisionConfig | None = None
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass normalisation)
@@ -228,6 +232,8 @@ def from_dict(d: dict[str, Any], *, source: str = "config") -> ModelConfig:
     kwargs = {}
     for k, v in d.items():
         default = fields[k].default
+        if k == "vision":  # nested dataclass from a mapping
+            v = vision_from_value(v)
         if isinstance(default, tuple) and isinstance(v, list):
             v = tuple(v)
         if isinstance(default, bool) and not isinstance(v, bool):
