@@ -182,6 +182,11 @@ def module_for(cfg: ModelConfig) -> Qwen35:
     return Qwen35(cfg)
 
 
+@functools.lru_cache(maxsize=64)
+def jitted_apply(cfg: ModelConfig):
+    return jax.jit(module_for(cfg).apply)
+
+
 def default_inputs(tokens_BT, segment_ids_BT=None, positions_BT=None, start=0):
     """Segment ids default to one document per row (1s); positions to start..start+T-1 (start: a cache index)."""
     B, T = tokens_BT.shape
@@ -234,15 +239,17 @@ def forward(cfg: ModelConfig, params, tokens, *, segment_ids=None, positions=Non
     `positions` are given. Grids must be concrete; inside jit pass `vision=` (multimodal.prepare_vision) instead.
     """
     check_tokens(cfg, tokens)
+    apply = module_for(cfg).apply
     if pixel_values is not None or pixel_values_videos is not None or image_grid_thw is not None \
             or video_grid_thw is not None:
         vision, positions = prepare_vision(cfg, tokens, segment_ids=segment_ids, positions=positions,
                                            pixel_values=pixel_values, image_grid_thw=image_grid_thw,
                                            pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw)
+        apply = jitted_apply(cfg)  # host inputs: compiled once per shape, not run op by op
     seg, pos = default_inputs(tokens, segment_ids, positions)
     mtp = None if mtp_tokens is None else jnp.asarray(mtp_tokens, jnp.int32)
-    logits, aux = module_for(cfg).apply({"params": params}, jnp.asarray(tokens, jnp.int32), seg, pos,
-                                        mtp_tokens_BT=mtp, vision=vision)
+    logits, aux = apply({"params": params}, jnp.asarray(tokens, jnp.int32), seg, pos, mtp_tokens_BT=mtp,
+                        vision=vision)
     return (logits, aux) if return_aux else logits
 
 
