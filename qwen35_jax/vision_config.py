@@ -12,26 +12,25 @@ import math
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-    depth: int = 27
-    hidden_size: int = 1152
-    intermediate_size: int = 4304
-    num_heads: int = 16
-    in_channels: int = 3
-    patch_size: int = 16
-    temporal_patch_size: int = 2
-    spatial_merge_size: int = 2
-    out_hidden_size: int = 0  # 0: the text hidden size (ModelConfig.hidden_size)
-    num_position_embeddings: int = 2304  # a square grid (48 x 48)
-    rope_theta: float = 10000.0
-    layer_norm_eps: float = 1e-6
-    # Token ids of the release's tokenizer.
-    image_token_id: int = 248056
-    video_token_id: int = 248057
-    vision_start_token_id: int = 248053
-    vision_end_token_id: int = 248054
+    depth: int = 27  # vision transformer blocks
+    hidden_size: int = 1152  # width of the vision transformer
+    intermediate_size: int = 4304  # tanh-GELU MLP width
+    num_heads: int = 16  # attention heads (head_dim = hidden_size / num_heads)
+    in_channels: int = 3  # image channels (RGB)
+    patch_size: int = 16  # patch side in pixels
+    temporal_patch_size: int = 2  # frames per temporal patch (a still image is duplicated)
+    spatial_merge_size: int = 2  # the merger joins merge x merge neighbouring patches into one token
+    out_hidden_size: int = 0  # merger output width; 0: the text hidden size
+    num_position_embeddings: int = 2304  # learned position grid cells (a square: 48 x 48)
+    rope_theta: float = 10000.0  # base of the 2-D axial rotary
+    layer_norm_eps: float = 1e-6  # LayerNorm epsilon
+    image_token_id: int = 248056  # <|image_pad|> placeholder id
+    video_token_id: int = 248057  # <|video_pad|> placeholder id
+    vision_start_token_id: int = 248053  # <|vision_start|> id
+    vision_end_token_id: int = 248054  # <|vision_end|> id
 
     def __post_init__(self):
-        from qwen35_jax.config import ConfigError
+        from qwen35_jax.schema import ConfigError
 
         def need(cond, msg):
             if not cond:
@@ -67,17 +66,3 @@ class VisionConfig:
         merger = 2 * D + (m2 * D) ** 2 + m2 * D + m2 * D * out + out
         return self.patch_dim * D + D + self.num_position_embeddings * D + self.depth * block + merger
 
-
-def vision_from_value(v) -> VisionConfig | None:
-    """None, a VisionConfig, or a mapping of VisionConfig fields (from YAML / config.json)."""
-    from qwen35_jax.config import ConfigError
-
-    if v is None or isinstance(v, VisionConfig):
-        return v
-    if not isinstance(v, dict):
-        raise ConfigError(f"model key 'vision' must be a mapping of vision fields or null, got {v!r}")
-    fields = {f.name for f in dataclasses.fields(VisionConfig)}
-    unknown = [k for k in v if k not in fields]
-    if unknown:
-        raise ConfigError(f"vision config: unknown key {unknown[0]!r}; known: {', '.join(sorted(fields))}")
-    return VisionConfig(**v)
