@@ -13,6 +13,8 @@ from typing import Any, Literal
 from qwen35_jax.schema import (ConfigError, apply_overrides, build, field, nearest, parse_overrides, read_yaml_mapping,
                                resolve_file, to_dict)
 
+from qwen35_jax.vision_config import VisionConfig
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 # Token mixers by name; one letter each for compact patterns such as "GGGA".
@@ -92,6 +94,7 @@ class ModelConfig:
     bos_token_id: int | None = None  # beginning-of-sequence id, if any
     eos_token_id: int | None = None  # end-of-sequence id, if any
     pad_token_id: int | None = None  # padding id, if any
+    vision: VisionConfig | None = None  # the vision tower (qwen35_jax/vision_config.py); null: text only
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass normalisation)
