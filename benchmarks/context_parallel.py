@@ -60,7 +60,7 @@ def layer_program(kind: str, T: int, n_seq: int, devices, topology: str):
     from pallas_kernels import compile_for
     from qwen35_jax.config import load_config
     from qwen35_jax.layers import MIXERS
-    from qwen35_jax.sharding import make_mesh, use_mesh
+    from qwen35_jax.sharding import make_mesh, unboxed, use_mesh
 
     cfg = load_config("qwen3.5-35b-a3b", max_position_embeddings=max(T, 262144))
     layer = MIXERS[kind](cfg)
@@ -74,8 +74,9 @@ def layer_program(kind: str, T: int, n_seq: int, devices, topology: str):
                                                                                jnp.bfloat16),
                                                    segment_ids_BT=jnp.ones((1, 256), jnp.int32),
                                                    positions_BT=jnp.zeros((1, 256), jnp.int32)))
+        # weights replicated: the all-reduce of their gradients is the only parameter traffic counted
         params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=NamedSharding(mesh, P())),
-                              params)
+                              unboxed(params))
 
         def loss(p, x, seg, pos):
             y = layer.apply(p, x, segment_ids_BT=seg, positions_BT=pos)
@@ -121,7 +122,7 @@ loss = lambda p, t, s: jnp.mean(jnp.square(forward(cfg, p, t, segment_ids=s)))
 fns = {}
 for n in (1, 2, 4, 8):
     mesh = make_mesh({"sequence": n}, jax.devices()[:n])
-    p = jax.device_put(params, param_shardings(params, mesh, cfg.hidden_size))
+    p = jax.device_put(params, param_shardings(cfg, mesh))
     with use_mesh(mesh):
         f = jax.jit(jax.grad(loss)).lower(p, tokens, seg).compile()
     fns[n] = (f, p)

@@ -37,7 +37,7 @@ SCRIPT = textwrap.dedent('''
     res = {}
     for name, shape in (("sequence8", {"sequence": 8}), ("data2_sequence4", {"data": 2, "sequence": 4})):
         mesh = make_mesh(shape)
-        p_sh = jax.device_put(params, param_shardings(params, mesh, 32))
+        p_sh = jax.device_put(params, param_shardings(cfg, mesh))
         with use_mesh(mesh):
             jaxpr = str(jax.make_jaxpr(f)(p_sh, tokens, seg, targets))
             got, got_g = jax.jit(f)(p_sh, tokens, seg, targets)
