@@ -10,13 +10,14 @@ import argparse
 import dataclasses
 import json
 import signal
+import tempfile
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 import yaml
 
+from qwen35_jax import paths
 from qwen35_jax.errors import UserError
 from qwen35_jax.model import init_params
 from qwen35_jax.sharding import batch_sharding, make_mesh, param_shardings, replicated, state_shardings, use_mesh
@@ -73,7 +74,7 @@ def _config_record(tcfg: TrainConfig) -> dict:
     return json.loads(json.dumps(d, default=list))
 
 
-def _check_same_run(run_dir: Path, record: dict) -> None:
+def _check_same_run(run_dir, record: dict) -> None:
     saved = run_dir / "config.json"
     if not saved.exists():
         return
@@ -86,7 +87,7 @@ def _check_same_run(run_dir: Path, record: dict) -> None:
 
 
 def train(tcfg: TrainConfig) -> dict:
-    run_dir = Path(tcfg.run_dir)
+    run_dir = paths.path(tcfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
     record = _config_record(tcfg)
@@ -234,31 +235,29 @@ def eval_main(argv) -> int:
     parser.add_argument("run_dir")
     parser.add_argument("overrides", nargs="*", help="e.g. eval_data='{kind: text, path: notes/}' eval_batches=16")
     args = parser.parse_intermixed_args(argv)
-    run_dir = Path(args.run_dir)
+    run_dir = paths.path(args.run_dir)
     cfg_file = run_dir / "config.json"
     if not cfg_file.exists():
         raise UserError(f"{run_dir}: no config.json (not a qwen35 run directory)")
     record = json.loads(cfg_file.read_text())
-    tmp = run_dir / "eval_config.yaml"
-    tmp.write_text(yaml.safe_dump({k: v for k, v in record.items()}))
-    tcfg = load_train_config(str(tmp), args.overrides)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as tmp:  # local: the run dir may be a bucket
+        tmp.write(yaml.safe_dump({k: v for k, v in record.items()}))
+        tmp.flush()
+        tcfg = load_train_config(tmp.name, args.overrides)
     model_cfg = tcfg.model_config()
     tokenizer = train_data.tokenizer_for(tcfg)
     mesh = make_mesh(tcfg.mesh)
     shapes = jax.eval_shape(lambda: init_params(model_cfg, jax.random.key(0)))
     p_shard = param_shardings(shapes, mesh, model_cfg.hidden_size)
-    tx, _ = make_optimizer(tcfg.optimizer, tcfg.steps, shapes)
-    state_shapes = jax.eval_shape(lambda p: init_state(p, tx), shapes)
-    ckpt = Checkpointer(run_dir / "checkpoints", keep=tcfg.keep_checkpoints)
-    restored = ckpt.restore_latest(abstract_like(state_shapes, state_shardings(state_shapes, mesh,
-                                                                                model_cfg.hidden_size)))
+    ckpt = Checkpointer(run_dir / "checkpoints", read_only=True)
+    restored = ckpt.restore_latest(abstract_like(shapes, p_shard), params_only=True)  # no optimizer moments
     ckpt.close()
     if restored is None:
         raise UserError(f"{run_dir}: no checkpoints to evaluate")
-    step, state, _, _ = restored
+    step, params, _, _ = restored
     b_shard = batch_sharding(mesh, 2, batch_size=tcfg.batch_size)
     eval_fn = jax.jit(make_eval_step(model_cfg), in_shardings=(p_shard, {k: b_shard for k in BATCH_KEYS}))
-    val = evaluate(tcfg, tokenizer, eval_fn, state["params"], b_shard, mesh)
+    val = evaluate(tcfg, tokenizer, eval_fn, params, b_shard, mesh)
     result = {"step": step, "val_loss": val, "val_ppl": float(np.exp(val))}
     print(json.dumps(result))
     return 0
