@@ -63,12 +63,22 @@ def _fs(url: str):
     return fs
 
 
-def glob(pattern) -> list[epath.Path]:
-    """Files and folders matching `pattern` (`*`, `?`, `[..]`, `**` for any depth), sorted by path."""
+def glob(pattern, files_only: bool = False) -> list[epath.Path]:
+    """Paths matching `pattern` (`*`, `?`, `[..]`, `**` for any depth), sorted; only files with `files_only`."""
     text = str(pattern)
     if is_remote(text):
-        return sorted(path("gs://" + m.removeprefix("gs://")) for m in _fs(text).glob(text))
-    return sorted(path(m) for m in _glob.glob(os.path.expanduser(text), recursive=True))
+        found = _fs(text).glob(text, detail=True)
+        return sorted(path("gs://" + m.removeprefix("gs://")) for m, info in found.items()
+                      if not files_only or info.get("type") == "file")
+    return sorted(path(m) for m in _glob.glob(os.path.expanduser(text), recursive=True)
+                  if not files_only or os.path.isfile(m))
+
+
+def split_glob(text: str) -> tuple[str, str]:
+    """'gs://b/train/*.x' -> ('gs://b/train', '*.x'): the folder before the first component with a wildcard."""
+    parts = str(text).split("/")
+    i = next(i for i, part in enumerate(parts) if has_glob(part))
+    return "/".join(parts[:i]) or ".", "/".join(parts[i:])
 
 
 def write_text(p, text: str) -> None:

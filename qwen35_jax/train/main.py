@@ -96,6 +96,7 @@ def train(tcfg: TrainConfig) -> dict:
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise UserError(f"tokenizer has {tokenizer.vocab_size} tokens but model {model_cfg.name!r} has vocab_size="
                         f"{model_cfg.vocab_size}; set model.vocab_size={tokenizer.vocab_size}")
+    val_note = train_data.validation_note(tcfg)  # None, or why this run has no validation data
 
     mesh = make_mesh(tcfg.mesh)
     shapes = jax.eval_shape(lambda: init_params(model_cfg, jax.random.key(tcfg.seed)))
@@ -136,6 +137,8 @@ def train(tcfg: TrainConfig) -> dict:
     tel = Telemetry(run_dir, tcfg.steps, start_step, tcfg.tensorboard, enabled=is_main)
     tel.write(f"{model_cfg.name}: {sum(x.size for x in jax.tree.leaves(shapes)) / 1e6:.2f}M params, "
               f"{jax.device_count()} device(s), mesh {dict(mesh.shape)}, {tokens_per_step} tokens/step")
+    if val_note:
+        tel.write(val_note)
     stop = StopFlag().install()
     summary = {"start_step": start_step}
     last_log_time, last_log_step, compile_s = time.perf_counter(), start_step, None
@@ -172,7 +175,7 @@ def train(tcfg: TrainConfig) -> dict:
                 tel.log(step, scalars, {"loss": f"{float(out['loss']):.3f}", "tok/s": f"{tps:,.0f}",
                                         "mfu": f"{100 * tps * flops_per_token / peak:.1f}%"})
                 summary.update(loss=float(out["loss"]), tokens_per_s=tps)
-            if step % tcfg.eval_every == 0 or step == tcfg.steps:
+            if val_note is None and (step % tcfg.eval_every == 0 or step == tcfg.steps):
                 val = evaluate(tcfg, tokenizer, eval_fn, state["params"], b_shard, mesh)
                 tel.log(step, {"val_loss": val, "val_ppl": float(np.exp(val))})
                 tel.write(f"step {step}: validation loss {val:.4f} (perplexity {np.exp(val):.2f})")
@@ -210,7 +213,9 @@ def evaluate(tcfg, tokenizer, eval_fn, params, b_shard, mesh) -> float:
         with use_mesh(mesh):
             s, n = eval_fn(params, train_data.to_global(batch, b_shard))
         total, count = total + float(s), count + float(n)
-    return total / max(count, 1.0)
+    if count == 0:  # never a made-up 0.0
+        raise UserError(f"validation data {tcfg.eval_data or tcfg.data}: no tokens to score (every document empty?)")
+    return total / count
 
 
 def train_main(argv) -> int:
@@ -246,6 +251,9 @@ def eval_main(argv) -> int:
         tcfg = load_train_config(tmp.name, args.overrides)
     model_cfg = tcfg.model_config()
     tokenizer = train_data.tokenizer_for(tcfg)
+    note = train_data.validation_note(tcfg)
+    if note:
+        raise UserError(note)
     mesh = make_mesh(tcfg.mesh)
     shapes = jax.eval_shape(lambda: init_params(model_cfg, jax.random.key(0)))
     p_shard = param_shardings(shapes, mesh, model_cfg.hidden_size)
