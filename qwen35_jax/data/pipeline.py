@@ -161,11 +161,11 @@ def _packed_rows(source: DocumentSource, tokenizer, *, seq_len: int, seed: int, 
     if seq_len < 1:
         raise UserError(f"seq_len must be positive, got {seq_len}")
     docs = grain.MapDataset.source(source)[process_index::process_count]
+    n_docs = len(docs)
     if shuffle and len(docs):
         docs = _EpochShuffle(docs, seed)
     docs = docs.repeat(num_epochs).map(_Tokenize(tokenizer, add_bos))
     # Reading threads only add overhead here: tokenising holds the GIL. Parallelism comes from num_workers.
-    n_docs = len(docs)
     docs = docs.to_iter_dataset(grain.ReadOptions(num_threads=0))
     pieces = gx.FlatMapIterDataset(docs, _Cut(seq_len, empty_limit=max(n_docs, 1) if num_epochs is None else None,
                                               name=source.name))
