@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from qwen35_jax.layers.common import accum_dtype, dense_init, dtypes, same_segment_BTT
 from qwen35_jax.layers.norms import RMSNorm
+from qwen35_jax.layers.mrope import mrope_cos_sin
 from qwen35_jax.layers.rope import apply_rope, rope_cos_sin
 
 NEG_INF = -1e30
@@ -79,7 +80,10 @@ class GatedAttention(nn.Module):
         v_BTGK = dense(G * K, "v_proj")(x_BTD).reshape(B, T, G, K)
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, param_dtype, name=name)  # noqa: E731
         q_BTHK, k_BTGK = norm("q_norm")(q_BTHK), norm("k_norm")(k_BTGK)
-        cos, sin = rope_cos_sin(positions_BT, cfg.rotary_dim, cfg.rope_theta, dtype)
+        if positions_BT.ndim == 3:  # [3, B, T] mRoPE rows (vision inputs)
+            cos, sin = mrope_cos_sin(positions_BT, cfg.rotary_dim, cfg.rope_theta, cfg.mrope_section, dtype)
+        else:
+            cos, sin = rope_cos_sin(positions_BT, cfg.rotary_dim, cfg.rope_theta, dtype)
         q_BTHK, k_BTGK = apply_rope(q_BTHK, cos, sin), apply_rope(k_BTGK, cos, sin)
         if cache is None:
             mask = attention_mask_BTS(segment_ids_BT, positions_BT, cfg.sliding_window)

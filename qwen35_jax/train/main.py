@@ -219,7 +219,12 @@ def evaluate(tcfg, tokenizer, eval_fn, params, b_shard, mesh) -> float:
 
 
 def train_main(argv) -> int:
-    parser = argparse.ArgumentParser(prog="qwen35 train", description="Train a Qwen3.5-style model.")
+    from qwen35_jax.cli import config_keys
+
+    parser = argparse.ArgumentParser(
+        prog="qwen35 train", description="Train a Qwen3.5-style model.", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (defaults of the embedded config; `qwen35 config train CONFIG` shows a recipe's values):\n"
+               + config_keys("train"))
     parser.add_argument("config", nargs="?", help="YAML under configs/train/ (name) or a path; none: embedded default")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nesting (optimizer.lr=1e-3)")
     add_distributed_args(parser)
