@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.train.conftest import overrides
+from tests.train.conftest import REPO, overrides
 from tests.train.test_distributed import MODEL, XLA_FLAGS, free_port
 
 BUCKET = "qwen35-test"
@@ -38,9 +38,9 @@ def gcs(tmp_path_factory):
     pytest.importorskip("gcp_storage_emulator", reason="test extra: pip install -e '.[test]'")
     port = free_port()
     log = open(tmp_path_factory.mktemp("gcs") / "emulator.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--in-memory", "--host",
+    proc = subprocess.Popen([sys.executable, "-m", "tests.train.gcs_emulator", "start", "--in-memory", "--host",
                              "127.0.0.1", "--port", str(port), "--default-bucket", BUCKET, "-q"],
-                            stdout=log, stderr=subprocess.STDOUT)
+                            stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test",
            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
