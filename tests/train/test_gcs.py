@@ -35,7 +35,6 @@ def _wait_for_port(port: int, proc, timeout: float = 30.0) -> None:
 def gcs(tmp_path_factory):
     """The emulator's environment for gcsfs (STORAGE_EMULATOR_HOST) and tensorstore (TENSORSTORE_GCS_HTTP_URL;
     GOOGLE_AUTH_TOKEN_FOR_TESTING skips its credential lookup), set in this process and passed to children."""
-    pytest.importorskip("gcp_storage_emulator", reason="test extra: pip install -e '.[test]'")
     port = free_port()
     log = open(tmp_path_factory.mktemp("gcs") / "emulator.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "tests.train.gcs_emulator", "start", "--in-memory", "--host",
