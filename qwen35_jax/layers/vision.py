@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qwen35_jax.layers.common import accum_dtype, dense_init
+from qwen35_jax.layers.common import accum_dtype, dense, dense_init, param
 from qwen35_jax.layers.rope import rotate_half
 from qwen35_jax.vision_config import VisionConfig
 
@@ -44,8 +44,8 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         D = x.shape[-1]
-        w = self.param("scale", nn.initializers.ones, (D,), self.param_dtype)
-        b = self.param("bias", nn.initializers.zeros, (D,), self.param_dtype)
+        w = param(self, "scale", nn.initializers.ones, (D,), self.param_dtype, ("norm",))
+        b = param(self, "bias", nn.initializers.zeros, (D,), self.param_dtype, ("norm",))
         f = x.astype(accum_dtype(x.dtype))
         mean = jnp.mean(f, -1, keepdims=True)
         var = jnp.mean(jnp.square(f - mean), -1, keepdims=True)
@@ -53,8 +53,8 @@ class LayerNorm(nn.Module):
         return y.astype(x.dtype)
 
 
-def _dense(n, dtype, param_dtype, name, std=0.02):
-    return nn.Dense(n, use_bias=True, dtype=dtype, param_dtype=param_dtype, kernel_init=dense_init(std), name=name)
+def _dense(n, axes, dtype, param_dtype, name, std=0.02):
+    return dense(n, axes, use_bias=True, dtype=dtype, param_dtype=param_dtype, std=std, name=name)
 
 
 class VisionBlock(nn.Module):
@@ -67,19 +67,19 @@ class VisionBlock(nn.Module):
         c = self.vcfg
         N, D = x_ND.shape
         H, K = c.num_heads, c.head_dim
-        dense = lambda n, name: _dense(n, self.dtype, self.param_dtype, name)  # noqa: E731
+        proj = lambda n, axes, name: _dense(n, axes, self.dtype, self.param_dtype, name)  # noqa: E731
         h = LayerNorm(c.layer_norm_eps, self.param_dtype, name="norm1")(x_ND)
-        qkv = dense(3 * D, "qkv")(h.astype(self.dtype)).reshape(N, 3, H, K)
+        qkv = proj(3 * D, ("embed", "heads"), "qkv")(h.astype(self.dtype)).reshape(N, 3, H, K)
         acc = accum_dtype(self.dtype)
         rot = lambda t: (t.astype(acc) * cos_NK[:, None] + rotate_half(t.astype(acc)) * sin_NK[:, None])  # noqa
         q, k, v = rot(qkv[:, 0]).astype(self.dtype), rot(qkv[:, 1]).astype(self.dtype), qkv[:, 2]
         logits = jnp.einsum("NHK,MHK->HNM", q, k, preferred_element_type=acc) * (K ** -0.5)
         probs = jax.nn.softmax(jnp.where(mask_NN[None], logits, NEG_INF), axis=-1)
         out = jnp.einsum("HNM,MHK->NHK", probs.astype(self.dtype), v, preferred_element_type=acc)
-        x_ND = x_ND + dense(D, "proj")(out.reshape(N, D).astype(self.dtype)).astype(x_ND.dtype)
+        x_ND = x_ND + proj(D, ("heads", "embed"), "proj")(out.reshape(N, D).astype(self.dtype)).astype(x_ND.dtype)
         h = LayerNorm(c.layer_norm_eps, self.param_dtype, name="norm2")(x_ND)
-        h = jax.nn.gelu(dense(c.intermediate_size, "fc1")(h.astype(self.dtype)), approximate=True)
-        x_ND = x_ND + dense(D, "fc2")(h).astype(x_ND.dtype)
+        h = jax.nn.gelu(proj(c.intermediate_size, ("embed", "mlp"), "fc1")(h.astype(self.dtype)), approximate=True)
+        x_ND = x_ND + proj(D, ("mlp", "embed"), "fc2")(h).astype(x_ND.dtype)
         return x_ND, None
 
 
@@ -96,8 +96,8 @@ class PatchMerger(nn.Module):
         c = self.vcfg
         M = c.spatial_merge_size ** 2 * c.hidden_size
         x = LayerNorm(c.layer_norm_eps, self.param_dtype, name="norm")(x_ND).reshape(-1, M).astype(self.dtype)
-        x = jax.nn.gelu(_dense(M, self.dtype, self.param_dtype, "fc1")(x), approximate=False)
-        return _dense(self.out_size, self.dtype, self.param_dtype, "fc2")(x)
+        x = jax.nn.gelu(_dense(M, (None, "mlp"), self.dtype, self.param_dtype, "fc1")(x), approximate=False)
+        return _dense(self.out_size, ("mlp", "embed"), self.dtype, self.param_dtype, "fc2")(x)
 
 
 class VisionTower(nn.Module):
@@ -113,14 +113,15 @@ class VisionTower(nn.Module):
     def __call__(self, pixels_NP, pos_taps_N4, pos_weights_N4, rowcol_N2, frame_N):
         c = self.vcfg
         acc = accum_dtype(self.dtype)
-        x = _dense(c.hidden_size, self.dtype, self.param_dtype, "patch_embed", self.init_std)(
+        x = _dense(c.hidden_size, (None, "embed"), self.dtype, self.param_dtype, "patch_embed", self.init_std)(
             pixels_NP.astype(self.dtype)).astype(acc)
-        table = self.param("pos_embed", dense_init(self.init_std), (c.num_position_embeddings, c.hidden_size),
-                           self.param_dtype)
+        table = param(self, "pos_embed", dense_init(self.init_std), (c.num_position_embeddings, c.hidden_size),
+                      self.param_dtype, (None, "embed"))
         x = x + jnp.sum(table[pos_taps_N4].astype(acc) * pos_weights_N4[..., None].astype(acc), axis=1)
         cos, sin = vision_rope_cos_sin(rowcol_N2, c.head_dim, c.rope_theta)
         mask = frame_N[:, None] == frame_N[None, :]
         blocks = nn.scan(VisionBlock, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.depth)
+                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.depth,
+                         metadata_params={nn.PARTITION_NAME: "layers"})
         x, _ = blocks(c, self.dtype, self.param_dtype, name="blocks")(x, cos, sin, mask)
         return PatchMerger(c, self.out_size, self.dtype, self.param_dtype, name="merger")(x).astype(acc)
