@@ -21,8 +21,11 @@ def init_state(params, tx) -> dict:
 def loss_and_metrics(model_cfg: ModelConfig, tcfg: TrainConfig, params, batch, num_tokens):
     """Loss normalised by `num_tokens` (the whole step's target count, so micro-batches add up exactly)."""
     use_mtp = tcfg.mtp_lambda > 0 and model_cfg.mtp_num_layers > 0
+    positions, vision = batch["positions"], None
+    if "vision" in batch:  # image-text rows (data/multimodal.py): positions [B, 3, T], vision arrays [B, N, ...]
+        positions, vision = jnp.moveaxis(positions, 1, 0), batch["vision"]
     logits, aux = forward(model_cfg, params, batch["tokens"], segment_ids=batch["segment_ids"],
-                          positions=batch["positions"], return_aux=True,
+                          positions=positions, return_aux=True, vision=vision,
                           mtp_tokens=batch["targets"] if use_mtp else None)
     ce_sum, z_sum = cross_entropy_sum(logits, batch["targets"], batch["loss_mask"])
     ce = ce_sum / num_tokens
