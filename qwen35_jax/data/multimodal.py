@@ -199,3 +199,22 @@ def batches(source, tokenizer, vcfg: VisionConfig, *, batch_size: int, seq_len: 
         yield out
         step += 1
 
+
+
+def vision_batch_shapes(vcfg: VisionConfig, batch_size: int, seq_len: int, image_size: int | None = None):
+    """Shapes of a batch's image-text extras (for ahead-of-time compiles): positions [B, 3, T] and the per-row
+    vision arrays of one image_size^2 image per row (default 448, or the largest multiple of patch * merge
+    whose tokens fill at most half of seq_len)."""
+    import jax
+
+    factor = vcfg.patch_size * vcfg.spatial_merge_size
+    if image_size is None:
+        side = min(448 // factor, max(1, int((seq_len // 2 - 2) ** 0.5)))
+        image_size = side * factor
+    n = (image_size // vcfg.patch_size) ** 2
+    sds = jax.ShapeDtypeStruct
+    return {"positions": sds((batch_size, 3, seq_len), np.int32),
+            "vision": {"pixels": sds((batch_size, n, vcfg.patch_dim), np.float32),
+                       "pos_taps": sds((batch_size, n, 4), np.int32),
+                       "pos_weights": sds((batch_size, n, 4), np.float32),
+                       "rowcol": sds((batch_size, n, 2), np.int32), "frame": sds((batch_size, n), np.int32)}}

@@ -80,6 +80,13 @@ def compile_train_step(tcfg, devices):
     b_shard = batch_sharding(mesh, 2, batch_size=tcfg.batch_size)
     batch = {k: jax.ShapeDtypeStruct((tcfg.batch_size, tcfg.seq_len), np.float32 if k == "loss_mask" else np.int32,
                                      sharding=b_shard) for k in BATCH_KEYS}
+    if model_cfg.vision is not None:  # image-text rows: mRoPE positions and the vision tower's inputs
+        from qwen35_jax.data.multimodal import vision_batch_shapes
+
+        spec = tcfg.data if isinstance(tcfg.data, dict) else {}
+        extra = vision_batch_shapes(model_cfg.vision, tcfg.batch_size, tcfg.seq_len, spec.get("image_size"))
+        batch.update(jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=batch_sharding(
+            mesh, len(s.shape), batch_size=tcfg.batch_size)), extra))
     state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shapes, s_shard)
     step = make_train_step(model_cfg, tcfg, tx, lr)
     t0 = time.perf_counter()
