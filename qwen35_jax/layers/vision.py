@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qwen35_jax.layers.common import accum_dtype, dense_init
+from qwen35_jax.layers.common import accum_dtype, dense_init, param, with_axes
 from qwen35_jax.layers.rope import rotate_half
 from qwen35_jax.vision_config import VisionConfig
 
@@ -44,8 +44,8 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         D = x.shape[-1]
-        w = self.param("scale", nn.initializers.ones, (D,), self.param_dtype)
-        b = self.param("bias", nn.initializers.zeros, (D,), self.param_dtype)
+        w = param(self, "scale", nn.initializers.ones, (D,), self.param_dtype, ("norm",))
+        b = param(self, "bias", nn.initializers.zeros, (D,), self.param_dtype, ("norm",))
         f = x.astype(accum_dtype(x.dtype))
         mean = jnp.mean(f, -1, keepdims=True)
         var = jnp.mean(jnp.square(f - mean), -1, keepdims=True)
@@ -53,8 +53,11 @@ class LayerNorm(nn.Module):
         return y.astype(x.dtype)
 
 
-def _dense(n, dtype, param_dtype, name, std=0.02):
-    return nn.Dense(n, use_bias=True, dtype=dtype, param_dtype=param_dtype, kernel_init=dense_init(std), name=name)
+def _dense(n, axes, dtype, param_dtype, name, std=0.02):
+    """nn.Dense with bias; the [in, out] kernel declares `axes`, the bias the output axis."""
+    return nn.Dense(n, use_bias=True, dtype=dtype, param_dtype=param_dtype,
+                    kernel_init=with_axes(dense_init(std), axes), bias_init=with_axes(nn.initializers.zeros, axes[1:]),
+                    name=name)
 
 
 class VisionBlock(nn.Module):
@@ -67,9 +70,9 @@ class VisionBlock(nn.Module):
         c = self.vcfg
         I, N, D = x_IND.shape
         H, K = c.num_heads, c.head_dim
-        dense = lambda n, name: _dense(n, self.dtype, self.param_dtype, name)  # noqa: E731
+        dense = lambda n, axes, name: _dense(n, axes, self.dtype, self.param_dtype, name)  # noqa: E731
         h = LayerNorm(c.layer_norm_eps, self.param_dtype, name="norm1")(x_IND)
-        qkv = dense(3 * D, "qkv")(h.astype(self.dtype)).reshape(I, N, 3, H, K)
+        qkv = dense(3 * D, ("embed", "heads"), "qkv")(h.astype(self.dtype)).reshape(I, N, 3, H, K)
         acc = accum_dtype(self.dtype)
         cos, sin = cos_INK[:, :, None], sin_INK[:, :, None]
         rot = lambda t: (t.astype(acc) * cos + rotate_half(t.astype(acc)) * sin).astype(self.dtype)  # noqa: E731
@@ -77,10 +80,11 @@ class VisionBlock(nn.Module):
         logits = jnp.einsum("INHK,IMHK->IHNM", q, k, preferred_element_type=acc) * (K ** -0.5)
         probs = jax.nn.softmax(jnp.where(mask_INN[:, None], logits, NEG_INF), axis=-1)
         out = jnp.einsum("IHNM,IMHK->INHK", probs.astype(self.dtype), v, preferred_element_type=acc)
-        x_IND = x_IND + dense(D, "proj")(out.reshape(I, N, D).astype(self.dtype)).astype(x_IND.dtype)
+        y = dense(D, ("heads", "embed"), "proj")(out.reshape(I, N, D).astype(self.dtype))
+        x_IND = x_IND + y.astype(x_IND.dtype)
         h = LayerNorm(c.layer_norm_eps, self.param_dtype, name="norm2")(x_IND)
-        h = jax.nn.gelu(dense(c.intermediate_size, "fc1")(h.astype(self.dtype)), approximate=True)
-        x_IND = x_IND + dense(D, "fc2")(h).astype(x_IND.dtype)
+        h = jax.nn.gelu(dense(c.intermediate_size, ("embed", "mlp"), "fc1")(h.astype(self.dtype)), approximate=True)
+        x_IND = x_IND + dense(D, ("mlp", "embed"), "fc2")(h).astype(x_IND.dtype)
         return x_IND, None
 
 
@@ -98,8 +102,8 @@ class PatchMerger(nn.Module):
         M = c.spatial_merge_size ** 2 * c.hidden_size
         x = LayerNorm(c.layer_norm_eps, self.param_dtype, name="norm")(x_ND)
         x = x.reshape(x.shape[:-2] + (-1, M)).astype(self.dtype)
-        x = jax.nn.gelu(_dense(M, self.dtype, self.param_dtype, "fc1")(x), approximate=False)
-        return _dense(self.out_size, self.dtype, self.param_dtype, "fc2")(x)
+        x = jax.nn.gelu(_dense(M, (None, "mlp"), self.dtype, self.param_dtype, "fc1")(x), approximate=False)
+        return _dense(self.out_size, ("mlp", "embed"), self.dtype, self.param_dtype, "fc2")(x)
 
 
 class VisionTower(nn.Module):
@@ -117,15 +121,16 @@ class VisionTower(nn.Module):
     def __call__(self, pixels_INP, pos_taps_IN4, pos_weights_IN4, rowcol_IN2, frame_IN):
         c = self.vcfg
         acc = accum_dtype(self.dtype)
-        x = _dense(c.hidden_size, self.dtype, self.param_dtype, "patch_embed", self.init_std)(
+        x = _dense(c.hidden_size, (None, "embed"), self.dtype, self.param_dtype, "patch_embed", self.init_std)(
             pixels_INP.astype(self.dtype)).astype(acc)
-        table = self.param("pos_embed", dense_init(self.init_std), (c.num_position_embeddings, c.hidden_size),
-                           self.param_dtype)
+        table = param(self, "pos_embed", dense_init(self.init_std), (c.num_position_embeddings, c.hidden_size),
+                      self.param_dtype, (None, "embed"))
         x = x + jnp.sum(table[pos_taps_IN4].astype(acc) * pos_weights_IN4[..., None].astype(acc), axis=-2)
         cos, sin = vision_rope_cos_sin(rowcol_IN2, c.head_dim, c.rope_theta)
         mask = frame_IN[:, :, None] == frame_IN[:, None, :]
         blocks = nn.scan(VisionBlock, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.depth)
+                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.depth,
+                         metadata_params={nn.PARTITION_NAME: "layers"})
         x, _ = blocks(c, self.dtype, self.param_dtype, name="blocks")(x, cos, sin, mask)
         y = PatchMerger(c, self.out_size, self.dtype, self.param_dtype, name="merger")(x).astype(acc)
         return y.reshape(-1, self.out_size)
