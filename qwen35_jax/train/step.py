@@ -18,6 +18,14 @@ def init_state(params, tx) -> dict:
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
 
+def model_inputs(batch) -> dict:
+    """Positions (and vision inputs) of a batch for `forward`: image-text rows (data/multimodal.py) carry mRoPE
+    positions [B, 3, T] and the vision arrays [B, N, ...] under "vision"."""
+    if "vision" in batch:
+        return {"positions": jnp.moveaxis(batch["positions"], 1, 0), "vision": batch["vision"]}
+    return {"positions": batch["positions"]}
+
+
 def _router_stats(aux):
     """Router statistics of every routed layer, the MTP layer's joined to the rest (it is balanced with them)."""
     stats = aux["router"]
@@ -62,7 +70,7 @@ def loss_and_metrics(model_cfg: ModelConfig, tcfg: TrainConfig, params, batch, n
     """
     use_mtp = _uses_mtp(model_cfg, tcfg)
     logits, aux = forward(model_cfg, params, batch["tokens"], segment_ids=batch["segment_ids"],
-                          positions=batch["positions"], return_aux=True,
+                          return_aux=True, **model_inputs(batch),
                           mtp_tokens=batch["targets"] if use_mtp else None)
     ce_sum, z_sum = cross_entropy_sum(logits, batch["targets"], batch["loss_mask"])
     total = ce_sum / norms["tokens"]
@@ -96,8 +104,8 @@ def pooled_router_f(model_cfg: ModelConfig, tcfg: TrainConfig, params, micro, no
     use_mtp = _uses_mtp(model_cfg, tcfg)
 
     def body(counts_E, mb):
-        _, aux = forward(model_cfg, params, mb["tokens"], segment_ids=mb["segment_ids"], positions=mb["positions"],
-                         return_aux=True, mtp_tokens=mb["targets"] if use_mtp else None)
+        _, aux = forward(model_cfg, params, mb["tokens"], segment_ids=mb["segment_ids"], return_aux=True,
+                         mtp_tokens=mb["targets"] if use_mtp else None, **model_inputs(mb))
         return counts_E + jnp.sum(_router_stats(aux)["counts"], axis=0), None
 
     counts_E, _ = jax.lax.scan(body, jnp.zeros((model_cfg.num_experts,), jnp.float32), micro)
@@ -182,8 +190,7 @@ def mtp_targets_and_mask(batch):
 
 def make_eval_step(model_cfg: ModelConfig):
     def eval_step(params, batch):
-        logits = forward(model_cfg, params, batch["tokens"], segment_ids=batch["segment_ids"],
-                         positions=batch["positions"])
+        logits = forward(model_cfg, params, batch["tokens"], segment_ids=batch["segment_ids"], **model_inputs(batch))
         ce_sum, _ = cross_entropy_sum(logits, batch["targets"], batch["loss_mask"])
         return ce_sum, jnp.sum(batch["loss_mask"].astype(jnp.float32))
 
