@@ -59,6 +59,9 @@ class ModelConfig:
     rope_theta: float = 1.0e7  # RoPE base frequency
     attn_output_gate: Literal["elementwise", "headwise", "none"] = "elementwise"  # sigmoid gate on attention output
     sliding_window: int = 0  # attention window in tokens; 0: full causal attention
+    attention_impl: Literal["auto", "xla_dense", "xla_blocked", "splash"] = field(
+        "auto", doc="training/prefill attention kernel (pallas_kernels.flash_attention); auto: splash on TPU, "
+                    "blocked XLA past 1024 keys elsewhere")
     # Gated DeltaNet.
     gdn_num_key_heads: int = 2  # Gated DeltaNet query/key heads
     gdn_num_value_heads: int = 4  # Gated DeltaNet value heads; a multiple of gdn_num_key_heads
@@ -312,8 +315,9 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
         f_total, _ = _ffn_params(cfg, "moe" if cfg.is_moe else "mlp")
         per = 2 * D + 2 * D * D + D + _mixer_params(cfg, "attn") + 2 * D + f_total
         mtp = cfg.mtp_num_layers * per
-    total += mtp
-    return {"total": total, "active": active, "embedding": embed + head, "mtp": mtp,
+    vision = cfg.vision.num_params(D) if cfg.vision is not None else 0  # the tower runs once per image patch
+    total += mtp + vision
+    return {"total": total, "active": active, "embedding": embed + head, "mtp": mtp, "vision": vision,
             "non_embedding": total - embed - head}
 
 

@@ -17,7 +17,7 @@ from qwen35_jax.config import ModelConfig
 from qwen35_jax.multimodal import VISION_KEYS, dummy_vision, fuse_vision, prepare_vision
 from qwen35_jax.sharding import constrain
 from qwen35_jax.layers import MIXERS, MoE, RMSNorm, SwiGLU
-from qwen35_jax.layers.common import accum_dtype, dense_init, dtypes
+from qwen35_jax.layers.common import accum_dtype, dense, dense_init, dtypes, param, with_axes
 from qwen35_jax.layers.vision import VisionTower
 
 REMAT_POLICIES = {
@@ -105,8 +105,8 @@ class MTP(nn.Module):
         dtype, param_dtype = dtypes(cfg)
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, param_dtype, name=name)  # noqa: E731
         x = jnp.concatenate([norm("pre_fc_norm_embedding")(emb_next_BTD), norm("pre_fc_norm_hidden")(h_BTD)], -1)
-        u = nn.Dense(cfg.hidden_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                     kernel_init=dense_init(cfg.initializer_range), name="fc")(x).astype(h_BTD.dtype)
+        u = dense(cfg.hidden_size, (None, "embed"), dtype=dtype, param_dtype=param_dtype, std=cfg.initializer_range,
+                  name="fc")(x).astype(h_BTD.dtype)
         u, (stats, cache) = Block(cfg, "attn", "moe" if cfg.is_moe else "mlp", name="layers_0")(
             u, segment_ids_BT, positions_BT, cache, cache_index)
         return norm("norm")(u), stats, cache
@@ -121,18 +121,19 @@ class Qwen35(nn.Module):
         cfg = self.cfg
         _, param_dtype = dtypes(cfg)
         self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=param_dtype,
-                                     embedding_init=dense_init(cfg.initializer_range))
+                                     embedding_init=with_axes(dense_init(cfg.initializer_range), ("vocab", "embed")))
         kinds = cfg.layer_kinds
         period = layer_period(kinds)
         num_groups = len(kinds) // period
         scanned = nn.scan(Group, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
                           in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=num_groups,
-                          unroll=1 if cfg.scan_layers else num_groups)
+                          unroll=1 if cfg.scan_layers else num_groups,
+                          metadata_params={nn.PARTITION_NAME: "layers"})  # stacked params gain a "layers" axis
         self.layers = scanned(cfg, kinds[:period])
         self.norm = RMSNorm(cfg.rms_norm_eps, param_dtype)
         if not cfg.tie_word_embeddings:
-            self.lm_head = self.param("lm_head", dense_init(cfg.initializer_range),
-                                      (cfg.hidden_size, cfg.vocab_size), param_dtype)
+            self.lm_head = param(self, "lm_head", dense_init(cfg.initializer_range),
+                                 (cfg.hidden_size, cfg.vocab_size), param_dtype, ("embed", "vocab"))
         if cfg.mtp_num_layers:
             self.mtp = MTP(cfg)
         if cfg.vision is not None:
@@ -213,14 +214,32 @@ def check_tokens(cfg: ModelConfig, tokens_BT) -> None:
                              f"got min {lo}, max {hi}")
 
 
-def init_params(cfg: ModelConfig, rng) -> dict:
-    """Parameters as a plain nested dict of arrays (`param_dtype`)."""
+def _boxed_init(cfg: ModelConfig, rng) -> dict:
     tokens = jnp.zeros((1, 8), jnp.int32)
     seg, pos = default_inputs(tokens)
     vision = dummy_vision(cfg.vision) if cfg.vision is not None else None
     variables = module_for(cfg).init(rng, tokens, seg, pos, mtp_tokens_BT=tokens if cfg.mtp_num_layers else None,
                                      vision=vision)
-    return nn.meta.unbox(variables["params"])
+    return variables["params"]
+
+
+def init_params(cfg: ModelConfig, rng) -> dict:
+    """Parameters as a plain nested dict of arrays (`param_dtype`)."""
+    return nn.meta.unbox(_boxed_init(cfg, rng))
+
+
+def abstract_params(cfg: ModelConfig) -> dict:
+    """The parameters as ShapeDtypeStructs inside their Flax `LogicallyPartitioned` boxes (the logical axes each
+    layer declared), nothing allocated: what `sharding.param_shardings` / `logical_axes` read."""
+    return jax.eval_shape(lambda: _boxed_init(cfg, jax.random.key(0)))
+
+
+def param_axes(cfg: ModelConfig) -> dict:
+    """The declared logical axes of every parameter (`sharding.LogicalAxes` leaves, same tree as `init_params`);
+    an undeclared parameter raises `sharding.UndeclaredParameterError`."""
+    from qwen35_jax.sharding import logical_axes
+
+    return logical_axes(abstract_params(cfg))
 
 
 def forward(cfg: ModelConfig, params, tokens, *, segment_ids=None, positions=None, return_aux=False,

@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import tempfile
+
 import jax
 import orbax.checkpoint as ocp
 
