@@ -10,14 +10,14 @@ import argparse
 import json
 import sys
 import types
-from pathlib import Path
 
+from qwen35_jax import paths
 from qwen35_jax.errors import UserError
 
 
 def load_source(source: str):
     """(cfg, params, tokenizer or None) from a run directory (config.json + checkpoints/) or an HF folder."""
-    path = Path(source)
+    path = paths.path(source)
     if not path.exists():
         raise UserError(f"{source}: no such run directory or checkpoint folder")
     config = path / "config.json"
@@ -29,12 +29,12 @@ def load_source(source: str):
         from qwen35_jax.train.convert import load_orbax_params, read_model_config
 
         cfg = read_model_config(path)
-        params = load_orbax_params(path)
+        params = load_orbax_params(path, cfg, warn=lambda msg: print(msg, file=sys.stderr))  # stdout: the text
         tokenizer = train_data.tokenizer_for(types.SimpleNamespace(tokenizer=record.get("tokenizer")))
         return cfg, params, tokenizer
     from qwen35_jax import hf
 
-    cfg, params = hf.load(path)
+    cfg, params = hf.load(paths.local_dir(path))
     tokenizer = None
     if (path / "tokenizer.json").exists() or (path / "tokenizer.model").exists():
         from qwen35_jax.data.tokenizer import load_tokenizer

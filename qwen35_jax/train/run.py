@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from qwen35_jax import paths
 from qwen35_jax.config import ModelConfig
 from qwen35_jax.errors import UserError
 from qwen35_jax.model import abstract_params, init_params
@@ -131,7 +131,7 @@ def build_run(tcfg: TrainConfig, devices=None) -> Run:
 
 def run_config(run_dir, overrides=()) -> TrainConfig:
     """The TrainConfig a run directory was trained with (its config.json), plus overrides."""
-    cfg_file = Path(run_dir) / "config.json"
+    cfg_file = paths.path(run_dir) / "config.json"
     if not cfg_file.exists():
         raise UserError(f"{run_dir}: no config.json (not a qwen35 run directory)")
     try:
