@@ -315,8 +315,9 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
         f_total, _ = _ffn_params(cfg, "moe" if cfg.is_moe else "mlp")
         per = 2 * D + 2 * D * D + D + _mixer_params(cfg, "attn") + 2 * D + f_total
         mtp = cfg.mtp_num_layers * per
-    total += mtp
-    return {"total": total, "active": active, "embedding": embed + head, "mtp": mtp,
+    vision = cfg.vision.num_params(D) if cfg.vision is not None else 0  # the tower runs once per image patch
+    total += mtp + vision
+    return {"total": total, "active": active, "embedding": embed + head, "mtp": mtp, "vision": vision,
             "non_embedding": total - embed - head}
 
 
