@@ -36,6 +36,29 @@ def known_mixers() -> tuple[str, ...]:
 
 
 @dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Rotary scaling beyond the pretraining context; `rope_type` "yarn" (YaRN, as transformers computes it).
+
+    `factor`: context extension ratio; `original_max_position_embeddings`: the pretraining context; `beta_fast` /
+    `beta_slow`: rotation counts bounding the interpolation ramp; `attention_factor` (None: from `factor`, `mscale`
+    and `mscale_all_dim` as transformers infers it) multiplies cos and sin; `truncate`: round the ramp bounds.
+    """
+
+    rope_type: str = "yarn"
+    factor: float = 1.0
+    original_max_position_embeddings: int = 0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 0.0
+    mscale_all_dim: float = 0.0
+    attention_factor: float | None = None
+    truncate: bool = True
+
+
+ROPE_TYPES = ("yarn",)
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """The whole model contract. Defaults are the Qwen3.5 conventions; sizes come from presets."""
 
@@ -78,6 +101,7 @@ class ModelConfig:
     max_position_embeddings: int = 262144
     initializer_range: float = 0.02
     mrope_section: tuple[int, ...] = (11, 11, 10)
+    rope_scaling: RopeScaling | None = None  # None: plain RoPE; a mapping in YAML ({rope_type: yarn, factor: 4, ...})
     # Multi-token prediction.
     mtp_num_layers: int = 0
     # Numerics and compilation.
@@ -95,6 +119,8 @@ class ModelConfig:
         set_("layer_pattern", expand_pattern(self.layer_pattern, self.num_layers))
         set_("mlp_only_layers", tuple(int(i) for i in self.mlp_only_layers))
         set_("mrope_section", tuple(int(i) for i in self.mrope_section))
+        if isinstance(self.rope_scaling, dict):
+            set_("rope_scaling", _rope_scaling_from_dict(self.rope_scaling, self.name))
         validate(self)
 
     # ----- derived shapes -----
@@ -130,6 +156,14 @@ class ModelConfig:
 
     def flops_per_token(self, seq_len: int) -> float:
         return train_flops_per_token(self, seq_len)
+
+
+def _rope_scaling_from_dict(d: dict, name: str) -> RopeScaling:
+    known = {f.name for f in dataclasses.fields(RopeScaling)}
+    for k in d:
+        if k not in known:
+            raise ConfigError(f"model config {name!r}: unknown rope_scaling key {k!r}{_nearest(k, known)}")
+    return RopeScaling(**d)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -208,6 +242,14 @@ def validate(cfg: ModelConfig) -> None:
              f"{f} {getattr(cfg, f)!r} is not a float dtype name")
     need(cfg.gdn_impl in ("auto", "xla", "pallas", "recurrent"), f"gdn_impl {cfg.gdn_impl!r} is unknown")
     need(cfg.gdn_conv_kernel >= 1, "gdn_conv_kernel must be >= 1")
+    rs = cfg.rope_scaling
+    if rs is not None:
+        need(isinstance(rs, RopeScaling), f"rope_scaling must be a mapping, got {rs!r}")
+        need(rs.rope_type in ROPE_TYPES, f"rope_scaling.rope_type {rs.rope_type!r} is not one of {ROPE_TYPES}")
+        need(rs.factor >= 1.0, f"rope_scaling.factor must be >= 1, got {rs.factor}")
+        need(rs.original_max_position_embeddings > 0,
+             f"rope_scaling.original_max_position_embeddings must be positive, got "
+             f"{rs.original_max_position_embeddings}")
     need(cfg.mtp_num_layers in (0, 1), f"mtp_num_layers={cfg.mtp_num_layers}: the released design has 0 or 1")
 
 

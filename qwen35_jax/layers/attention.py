@@ -79,7 +79,7 @@ class GatedAttention(nn.Module):
         v_BTGK = dense(G * K, "v_proj")(x_BTD).reshape(B, T, G, K)
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, param_dtype, name=name)  # noqa: E731
         q_BTHK, k_BTGK = norm("q_norm")(q_BTHK), norm("k_norm")(k_BTGK)
-        cos, sin = rope_cos_sin(positions_BT, cfg.rotary_dim, cfg.rope_theta, dtype)
+        cos, sin = rope_cos_sin(positions_BT, cfg.rotary_dim, cfg.rope_theta, dtype, cfg.rope_scaling)
         q_BTHK, k_BTGK = apply_rope(q_BTHK, cos, sin), apply_rope(k_BTGK, cos, sin)
         if cache is None:
             mask = attention_mask_BTS(segment_ids_BT, positions_BT, cfg.sliding_window)
