@@ -249,16 +249,25 @@ RUNTIME_FIELDS = {"name", "gdn_chunk_size", "gdn_impl", "moe_impl", "scan_layers
                   "pad_token_id", "max_position_embeddings"}
 
 
+def _effective(cfg: ModelConfig) -> dict:
+    """The fields that define what `cfg` computes (unused widths of absent parts dropped)."""
+    d = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig) if f.name not in RUNTIME_FIELDS}
+    if not cfg.is_moe:
+        for k in ("experts_per_token", "moe_intermediate_size", "shared_expert_intermediate_size", "norm_topk_prob",
+                  "mlp_only_layers"):
+            d.pop(k)
+    elif not cfg.mlp_only_layers:
+        d.pop("intermediate_size")
+    if cfg.family == "qwen3_next":  # no mRoPE
+        d.pop("mrope_section")
+    return d
+
+
 def config_mismatch(ours: ModelConfig, theirs: ModelConfig) -> list[str]:
     """'field: ours vs theirs' for every model-defining field that differs (runtime choices are not compared)."""
-    out = []
-    for f in dataclasses.fields(ModelConfig):
-        if f.name in RUNTIME_FIELDS:
-            continue
-        a, b = getattr(ours, f.name), getattr(theirs, f.name)
-        if a != b:
-            out.append(f"{f.name}: {a!r} vs {b!r}")
-    return out
+    a, b = _effective(ours), _effective(theirs)
+    keys = [f.name for f in dataclasses.fields(ModelConfig) if f.name in a or f.name in b]
+    return [f"{k}: {a.get(k, '(unused)')!r} vs {b.get(k, '(unused)')!r}" for k in keys if a.get(k) != b.get(k)]
 
 
 def check_same_model(run_cfg: ModelConfig, loaded_cfg: ModelConfig, path) -> None:
