@@ -233,8 +233,16 @@ def eval_main(argv) -> int:
     parser = argparse.ArgumentParser(prog="qwen35 eval", description="Score a run's newest checkpoint.")
     parser.add_argument("run_dir")
     parser.add_argument("overrides", nargs="*", help="e.g. eval_data='{kind: text, path: notes/}' eval_batches=16")
+    parser.add_argument("--mtp-acceptance", type=int, default=0, metavar="K",
+                        help="also measure teacher-forced MTP acceptance for K chained drafts (mtp_acceptance.py); "
+                             "run_dir may then be a Hugging Face folder")
     args = parser.parse_intermixed_args(argv)
     run_dir = Path(args.run_dir)
+    if args.mtp_acceptance and any(run_dir.glob("*.safetensors*")):
+        from qwen35_jax import mtp_acceptance
+
+        print(json.dumps(mtp_acceptance.hf_eval_main(run_dir, args.overrides, args.mtp_acceptance)))
+        return 0
     cfg_file = run_dir / "config.json"
     if not cfg_file.exists():
         raise UserError(f"{run_dir}: no config.json (not a qwen35 run directory)")
@@ -260,6 +268,11 @@ def eval_main(argv) -> int:
     eval_fn = jax.jit(make_eval_step(model_cfg), in_shardings=(p_shard, {k: b_shard for k in BATCH_KEYS}))
     val = evaluate(tcfg, tokenizer, eval_fn, state["params"], b_shard, mesh)
     result = {"step": step, "val_loss": val, "val_ppl": float(np.exp(val))}
+    if args.mtp_acceptance:
+        from qwen35_jax import mtp_acceptance
+
+        result["mtp_acceptance"] = mtp_acceptance.measure(model_cfg, state["params"],
+                                                          train_data.eval_batches(tcfg, tokenizer), args.mtp_acceptance)
     print(json.dumps(result))
     return 0
 
