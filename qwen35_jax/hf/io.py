@@ -8,6 +8,7 @@ tensor by tensor from (possibly sharded) arrays, one leaf group on host at a tim
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from collections import OrderedDict, defaultdict
@@ -20,7 +21,7 @@ import numpy as np
 from qwen35_jax.hf import fp8
 from qwen35_jax.hf.common import CheckpointError, dtype_name, np_dtype
 from qwen35_jax.hf.config import config_from_hf, config_to_hf
-from qwen35_jax.hf.layout import LAYOUTS, Layout, detect_layout, resolve_layout, tensor_specs
+from qwen35_jax.hf.layout import EXTENSIONS, LAYOUTS, Layout, detect_layout, resolve_layout, tensor_specs
 from qwen35_jax.hf.safetensors_io import FolderReader, write_folder
 from qwen35_jax.model import init_params
 
@@ -110,6 +111,8 @@ def load(path, dtype="float32", compute_dtype=None, *, mesh=None, shardings=None
     has_mtp = any(n.startswith("mtp.") for n in names)
     if has_mtp != bool(cfg.mtp_num_layers):  # trust the tensors: stripped checkpoints drop the MTP head
         cfg = cfg.replace(mtp_num_layers=1 if has_mtp else 0)
+    for ext in EXTENSIONS:
+        cfg = cfg.replace(**ext.config_from_hf(cfg_dict, names))
     specs = tensor_specs(cfg, detect_layout(names), names)
     missing = [n for n in specs if n not in reader]
     if missing:
@@ -189,6 +192,8 @@ def save(cfg, params, path, *, layout="transformers", expert_layout: str | None 
     if expert_layout is not None:
         layout = Layout(expert_layout, expert_layout)
     layout = resolve_layout(layout)
+    if getattr(cfg, "vision", None) is not None:  # a tower: the text weights sit under model.language_model.
+        layout = dataclasses.replace(layout, vision_language=True)
     path = Path(path)
     target = np_dtype(dtype or cfg.param_dtype)
     specs = tensor_specs(cfg, layout)
@@ -217,9 +222,13 @@ def save(cfg, params, path, *, layout="transformers", expert_layout: str | None 
             produce(name)
         return
     path.mkdir(parents=True, exist_ok=True)
-    config = config_to_hf(cfg, vision_language=layout.vision_language, vision_config=vision_config)
+    config = config_to_hf(cfg)
+    for ext in EXTENSIONS:
+        config = ext.config_to_hf(cfg, config)
+    if layout.vision_language and "text_config" not in config:
+        config = config_to_hf(cfg, vision_language=True, vision_config=vision_config)
     config["dtype"] = dtype_name(target)
-    if layout.vision_language:
+    if "text_config" in config:
         config["text_config"]["dtype"] = config["dtype"]
     (path / "config.json").write_text(json.dumps(config, indent=2))
     write_folder(path, plan, produce, max_shard_bytes, metadata={"format": "pt"})

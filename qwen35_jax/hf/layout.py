@@ -5,8 +5,10 @@ fills (`targets`: (path, group) pairs; group indexes the stacked leading axis of
 not stacked), and the conversion both ways. Expert layouts are chosen per MoE block: from the names present when
 loading (so a release with fused main experts and per-expert MTP experts loads), from the `Layout` when saving.
 
-Extension point: `register_spec_group(fn)` adds tensors described elsewhere (e.g. the vision tower):
-`fn(cfg, layout) -> {name: Spec}`; its specs are loaded, saved and checked exactly like the text tower's.
+Extension point: `register_extension(ext)` adds a group of tensors and config keys described elsewhere
+(qwen35_jax/hf_vision.py: `model.visual.*`). `ext` provides `config_from_hf(config_dict, tensor_names)` ->
+ModelConfig overrides, `config_to_hf(cfg, exported_dict)` -> dict and `tensor_specs(cfg)` -> {name: Spec}; its
+specs are loaded, saved and checked exactly like the text tower's.
 """
 
 from __future__ import annotations
@@ -82,14 +84,13 @@ def _leaf(path, group=None, index=(), to_ours=lambda a: a, to_hf=lambda a: a, sh
 
 
 T = np.transpose
-SPEC_GROUPS: list[Callable] = []
+EXTENSIONS: list = []
 
 
-def register_spec_group(fn: Callable) -> Callable:
-    """Adds `fn(cfg, layout) -> {name: Spec}` to every `tensor_specs` (idempotent; usable as a decorator)."""
-    if fn not in SPEC_GROUPS:
-        SPEC_GROUPS.append(fn)
-    return fn
+def register_extension(ext) -> None:
+    """Adds a module's tensors and config keys to every load and save (idempotent)."""
+    if ext not in EXTENSIONS:
+        EXTENSIONS.append(ext)
 
 
 def detect_layout(names) -> Layout:
@@ -126,8 +127,8 @@ def tensor_specs(cfg: ModelConfig, layout=LAYOUTS["transformers"], names=None) -
         specs["mtp.fc.weight"] = _leaf(m + ("fc", "kernel"), None, (), T, T, (D, 2 * D))
         _block_specs(cfg, specs, "mtp.layers.0.", m + ("layers_0",), None, "attn", "moe" if cfg.is_moe else "mlp",
                      _experts_at(names, "mtp.layers.0.", layout.mtp_experts))
-    for group in SPEC_GROUPS:
-        specs.update(group(cfg, layout))
+    for ext in EXTENSIONS:
+        specs.update(ext.tensor_specs(cfg))
     return specs
 
 
