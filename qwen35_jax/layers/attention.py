@@ -3,15 +3,23 @@
 `q_proj` emits, per head, the query followed by its gate (`[Hq, hd + gate_width]`, interleaved per head). The gate is
 elementwise (`gate_width = hd`, Qwen3.5, "G1" in the Gated Attention paper), headwise (`gate_width = 1`) or absent.
 It multiplies the attention output before `o_proj`.
+
+Training and prefill without a cache never form the [T, T] scores unless `attention_impl` picks the dense path
+(`pallas_kernels.flash_attention`: blocked online softmax in XLA, splash on TPU). Under context parallelism each
+device holds a slice of the queries and gathers the keys and values of the whole sequence (`attend`).
 """
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qwen35_jax.layers.common import accum_dtype, dense_init, dtypes, same_segment_BTT
+from pallas_kernels import target
+from pallas_kernels.flash_attention import flash_attention, resolve_impl
+from qwen35_jax.layers.common import accum_dtype, dense, dtypes, same_segment_BTT
 from qwen35_jax.layers.norms import RMSNorm
+from qwen35_jax.layers.mrope import mrope_cos_sin
 from qwen35_jax.layers.rope import apply_rope, rope_cos_sin
+from qwen35_jax.sharding import head_shards, sequence_shards, shard_sequence
 
 NEG_INF = -1e30
 
@@ -65,6 +73,40 @@ def softmax_attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS, *, return_probs=False):
     return (out, probs.reshape(B, H, T, -1)) if return_probs else out
 
 
+_HEADS = ("batch", "seq", "heads", None)
+
+
+def attend(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT, cfg):
+    """Causal same-document (windowed) attention over whole sequences, o [B, T, H, K], by `cfg.attention_impl`.
+
+    With the sequence split over devices, each computes its own queries against the keys and values of the whole
+    sequence, all-gathered: with grouped-query attention K and V are H / G times smaller than the queries, so
+    gathering them costs less than ring attention's rotations, and the kernels skip key blocks past the causal
+    bound (shard s reads (s + 1) / N of them). The gradient of the gather is a reduce-scatter of dK, dV."""
+    B, T, H, K = q_BTHK.shape
+    n_seq = sequence_shards(T)
+    impl = resolve_impl(cfg.attention_impl, T // n_seq, T, K)
+    kernel = None
+    if impl == "splash":
+        from pallas_kernels.flash_attention.splash import make_kernel
+
+        kernel = make_kernel(T, T, H, cfg.sliding_window, q_seq_shards=n_seq,
+                             head_shards=head_shards((H, k_BTGK.shape[2])), interpret=not target.on_tpu())
+
+    def local(q, k, v, seg, kern, *, axis_name):
+        kv_seg, offset = seg, 0
+        if axis_name is not None:
+            gather = lambda x: jax.lax.all_gather(x, axis_name, axis=1, tiled=True)  # noqa: E731
+            k, v, kv_seg = gather(k), gather(v), gather(seg)
+            offset = jax.lax.axis_index(axis_name) * q.shape[1]
+        return (flash_attention(q, k, v, seg, kv_seg, q_offset=offset, sliding_window=cfg.sliding_window,
+                                impl=impl, kernel=kern),)
+
+    (out,) = shard_sequence(local, (q_BTHK, k_BTGK, v_BTGK, segment_ids_BT, kernel),
+                            (_HEADS, _HEADS, _HEADS, ("batch", "seq"), "kernel"), (_HEADS,))
+    return out
+
+
 class GatedAttention(nn.Module):
     cfg: object
 
@@ -74,26 +116,33 @@ class GatedAttention(nn.Module):
         dtype, param_dtype = dtypes(cfg)
         B, T, _ = x_BTD.shape
         H, G, K, W = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, gate_width(cfg)
-        dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=dtype, param_dtype=param_dtype,  # noqa: E731
-                                         kernel_init=dense_init(cfg.initializer_range), name=name)
-        qg_BTHX = dense(H * (K + W), "q_proj")(x_BTD).reshape(B, T, H, K + W)
+        proj = lambda n, axes, name: dense(n, axes, dtype=dtype, param_dtype=param_dtype,  # noqa: E731
+                                           std=cfg.initializer_range, name=name)
+        qg_BTHX = proj(H * (K + W), ("embed", "heads"), "q_proj")(x_BTD).reshape(B, T, H, K + W)
         q_BTHK, gate = qg_BTHX[..., :K], qg_BTHX[..., K:]
-        k_BTGK = dense(G * K, "k_proj")(x_BTD).reshape(B, T, G, K)
-        v_BTGK = dense(G * K, "v_proj")(x_BTD).reshape(B, T, G, K)
+        k_BTGK = proj(G * K, ("embed", "kv_heads"), "k_proj")(x_BTD).reshape(B, T, G, K)
+        v_BTGK = proj(G * K, ("embed", "kv_heads"), "v_proj")(x_BTD).reshape(B, T, G, K)
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, param_dtype, name=name)  # noqa: E731
         q_BTHK, k_BTGK = norm("q_norm")(q_BTHK), norm("k_norm")(k_BTGK)
-        cos, sin = rope_cos_sin(positions_BT, cfg.rotary_dim, cfg.rope_theta, dtype)
-        q_BTHK, k_BTGK = apply_rope(q_BTHK, cos, sin), apply_rope(k_BTGK, cos, sin)
-        if cache is None:
-            mask = attention_mask_BTS(segment_ids_BT, positions_BT, cfg.sliding_window)
+        if positions_BT.ndim == 3:  # [3, B, T] mRoPE rows (vision inputs)
+            cos, sin = mrope_cos_sin(positions_BT, cfg.rotary_dim, cfg.rope_theta, cfg.mrope_section, dtype)
         else:
-            cache, k_BTGK, v_BTGK, mask = update_kv_cache(cache, cache_index, k_BTGK, v_BTGK, segment_ids_BT,
-                                                          cfg.sliding_window)
-        out = softmax_attention(q_BTHK, k_BTGK, v_BTGK, mask, return_probs=return_probs)
-        out_BTHK, probs = out if return_probs else (out, None)
+            cos, sin = rope_cos_sin(positions_BT, cfg.rotary_dim, cfg.rope_theta, dtype)
+        q_BTHK, k_BTGK = apply_rope(q_BTHK, cos, sin), apply_rope(k_BTGK, cos, sin)
+        probs = None
+        if cache is None and not return_probs:
+            out_BTHK = attend(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT, cfg)
+        else:
+            if cache is None:
+                mask = attention_mask_BTS(segment_ids_BT, positions_BT, cfg.sliding_window)
+            else:
+                cache, k_BTGK, v_BTGK, mask = update_kv_cache(cache, cache_index, k_BTGK, v_BTGK, segment_ids_BT,
+                                                              cfg.sliding_window)
+            out = softmax_attention(q_BTHK, k_BTGK, v_BTGK, mask, return_probs=return_probs)
+            out_BTHK, probs = out if return_probs else (out, None)
         if W:
             out_BTHK = out_BTHK * jax.nn.sigmoid(gate)
-        y = dense(cfg.hidden_size, "o_proj")(out_BTHK.reshape(B, T, H * K).astype(dtype))
+        y = proj(cfg.hidden_size, ("heads", "embed"), "o_proj")(out_BTHK.reshape(B, T, H * K).astype(dtype))
         if return_probs:
             self.sow("intermediates", "attn_probs", probs)
         return y if cache is None else (y, cache)

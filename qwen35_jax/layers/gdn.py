@@ -2,39 +2,72 @@
 
 The delta rule itself comes from `pallas_kernels.gated_delta_rule` (chunked XLA on CPU/GPU, Pallas on TPU); this
 module owns the projections and the per-document handling: padded positions (segment id 0) are zeroed at the input,
-and both the conv window and the recurrent state restart at every document start. On a cache it decodes with the
-per-token recurrence, and with a checkpointed cache (a position axis, see `init_cache`) keeps the state after every
-token.
+and both the conv window and the recurrent state restart at every document start. Under context parallelism (the
+sequence split over devices) the conv takes its K-1 columns of history from the previous device and the delta rule
+carries its state across devices (`pallas_kernels.gated_delta_rule.context_parallel`). On a cache it decodes with
+the per-token recurrence, and with a checkpointed cache (a position axis, see `init_cache`) keeps the state after
+every token (speculative verification).
 """
+
+import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.gated_delta_rule import chunk_gated_delta_rule, default_impl
+from pallas_kernels.gated_delta_rule.context_parallel import context_parallel_gated_delta_rule
 from pallas_kernels.gated_delta_rule.reference import recurrent_gated_delta_rule_states
-from qwen35_jax.layers.common import accum_dtype, dense_init, dtypes
+from qwen35_jax.layers.common import accum_dtype, dense, dtypes, param
 from qwen35_jax.layers.norms import GatedRMSNorm
-from qwen35_jax.sharding import shard_kernel
+from qwen35_jax.sharding import sequence_shards, shard_sequence
 
 
 DECODE_RECURRENT_MAX = 8  # up to this many new tokens, decoding steps through the recurrence token by token
-_HEADS4, _HEADS3 = ("batch", None, "heads", None), ("batch", None, "heads")
+_HEADS4, _HEADS3, _ROWS = ("batch", "seq", "heads", None), ("batch", "seq", "heads"), ("batch", "seq")
 
 
 def delta_rule_per_shard(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, segment_ids_BT, cfg):
     """The training-time delta rule. The Pallas kernel is opaque to XLA's partitioner, so under a mesh it runs per
-    shard (batch rows and heads split, sequences whole); the XLA path is left to the partitioner."""
+    shard (batch rows and heads split); with the sequence split too, every implementation runs per shard and carries
+    the state across devices. Otherwise the XLA path is left to the partitioner."""
     impl = default_impl() if cfg.gdn_impl == "auto" else cfg.gdn_impl
+    rule = functools.partial(chunk_gated_delta_rule, use_qk_l2norm=True, chunk_size=cfg.gdn_chunk_size, impl=impl)
 
-    def rule(q, k, v, g, beta, seg):
-        return chunk_gated_delta_rule(q, k, v, g, beta, segment_ids=seg, use_qk_l2norm=True,
-                                      chunk_size=cfg.gdn_chunk_size, impl=impl)
+    def local(q, k, v, g, beta, seg, *, axis_name):
+        if axis_name is None:
+            return rule(q, k, v, g, beta, segment_ids=seg)
+        with_state = functools.partial(rule, output_final_state=True)
+        return context_parallel_gated_delta_rule(with_state, q, k, v, g, beta, segment_ids=seg,
+                                                 axis_name=axis_name), None
 
     args = (q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, segment_ids_BT)
-    if impl != "pallas":
-        return rule(*args)
-    return shard_kernel(rule, args, (_HEADS4, _HEADS4, _HEADS4, _HEADS3, _HEADS3, ("batch", None)), (_HEADS4, None))
+    if impl != "pallas" and sequence_shards(q_BTHK.shape[1]) == 1:
+        return local(*args, axis_name=None)
+    return shard_sequence(local, args, (_HEADS4, _HEADS4, _HEADS4, _HEADS3, _HEADS3, _ROWS), (_HEADS4, None))
+
+
+def conv_per_shard(x_BTC, kernel_KC, segment_ids_BT):
+    """`causal_depthwise_conv`; with the sequence split over devices, each first receives the last K-1 columns (and
+    their segment ids) of the previous device's slice (the first device: zeros, i.e. nothing before the start)."""
+    if sequence_shards(x_BTC.shape[1]) == 1:
+        return causal_depthwise_conv(x_BTC, kernel_KC, segment_ids_BT)
+
+    def local(x, w, seg, *, axis_name):
+        halo = w.shape[0] - 1
+        if axis_name is None or halo == 0:
+            return (causal_depthwise_conv(x, w, seg),)
+        if x.shape[1] < halo:
+            raise ValueError(f"context parallelism: a sequence slice of {x.shape[1]} tokens is shorter than the conv "
+                             f"history of {halo} columns (gdn_conv_kernel={w.shape[0]}); use fewer sequence shards")
+        n = jax.lax.axis_size(axis_name)
+        prev = lambda a: jax.lax.ppermute(a[:, -halo:], axis_name, [(i, i + 1) for i in range(n - 1)])  # noqa: E731
+        xs, segs = jnp.concatenate([prev(x), x], axis=1), jnp.concatenate([prev(seg), seg], axis=1)
+        return (causal_depthwise_conv(xs, w, segs)[:, halo:],)
+
+    (out,) = shard_sequence(local, (x_BTC, kernel_KC, segment_ids_BT), (_ROWS + (None,), (None, None), _ROWS),
+                            (_ROWS + (None,),))
+    return out
 
 
 def a_log_init(key, shape, dtype):
@@ -95,17 +128,18 @@ class GatedDeltaNet(nn.Module):
         dtype, param_dtype = dtypes(cfg)
         B, T, _ = x_BTD.shape
         Hk, Hv, dk, dv = cfg.gdn_num_key_heads, cfg.gdn_num_value_heads, cfg.gdn_key_dim, cfg.gdn_value_dim
-        dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=dtype, param_dtype=param_dtype,  # noqa: E731
-                                         kernel_init=dense_init(cfg.initializer_range), name=name)
+        proj = lambda n, axes, name: dense(n, axes, dtype=dtype, param_dtype=param_dtype,  # noqa: E731
+                                           std=cfg.initializer_range, name=name)
         x_BTD = jnp.where((segment_ids_BT != 0)[..., None], x_BTD, 0).astype(dtype)
-        qkv_BTC = dense(cfg.gdn_conv_dim, "in_proj_qkv")(x_BTD)
-        z_BTHV = dense(Hv * dv, "in_proj_z")(x_BTD).reshape(B, T, Hv, dv)
-        b_BTH = dense(Hv, "in_proj_b")(x_BTD)
-        a_BTH = dense(Hv, "in_proj_a")(x_BTD)
-        kernel_KC = self.param("conv1d", conv_init, (cfg.gdn_conv_kernel, cfg.gdn_conv_dim), param_dtype)
+        qkv_BTC = proj(cfg.gdn_conv_dim, ("embed", "heads"), "in_proj_qkv")(x_BTD)
+        z_BTHV = proj(Hv * dv, ("embed", "heads"), "in_proj_z")(x_BTD).reshape(B, T, Hv, dv)
+        b_BTH = proj(Hv, ("embed", "heads"), "in_proj_b")(x_BTD)
+        a_BTH = proj(Hv, ("embed", "heads"), "in_proj_a")(x_BTD)
+        kernel_KC = param(self, "conv1d", conv_init, (cfg.gdn_conv_kernel, cfg.gdn_conv_dim), param_dtype,
+                          ("conv", "heads"))
         f32 = accum_dtype(dtype)  # the conv sums K taps: accumulate in fp32 and round once, as a fused conv does
         if cache is None:
-            conv_BTC = causal_depthwise_conv(qkv_BTC.astype(f32), kernel_KC.astype(f32), segment_ids_BT)
+            conv_BTC = conv_per_shard(qkv_BTC.astype(f32), kernel_KC.astype(f32), segment_ids_BT)
         else:  # continue from the last K-1 pre-conv columns of this sequence
             checkpoints = cache["state"].ndim == 5  # per-position layout: continue from the last checkpoint
             last_conv = cache["conv"][:, -1] if checkpoints else cache["conv"]
@@ -122,8 +156,8 @@ class GatedDeltaNet(nn.Module):
         q_BTHK = qkv_BTC[..., : Hk * dk].reshape(B, T, Hk, dk)
         k_BTHK = qkv_BTC[..., Hk * dk: 2 * Hk * dk].reshape(B, T, Hk, dk)
         v_BTHV = qkv_BTC[..., 2 * Hk * dk:].reshape(B, T, Hv, dv)
-        dt_bias = self.param("dt_bias", dt_bias_init, (Hv,), param_dtype)
-        A_log = self.param("A_log", a_log_init, (Hv,), param_dtype)
+        dt_bias = param(self, "dt_bias", dt_bias_init, (Hv,), param_dtype, ("heads",))
+        A_log = param(self, "A_log", a_log_init, (Hv,), param_dtype, ("heads",))
         beta_BTH = jax.nn.sigmoid(b_BTH)
         g_BTH = -jnp.exp(A_log.astype(f32)) * jax.nn.softplus(a_BTH.astype(f32) + dt_bias.astype(f32))
         if cache is None:
@@ -141,7 +175,7 @@ class GatedDeltaNet(nn.Module):
                     use_qk_l2norm=True, chunk_size=cfg.gdn_chunk_size, impl=impl)
             cache = {"conv": new_conv, "state": state}
         y_BTHV = GatedRMSNorm(cfg.rms_norm_eps, param_dtype, name="norm")(o_BTHV.astype(dtype), z_BTHV)
-        y = dense(cfg.hidden_size, "out_proj")(y_BTHV.reshape(B, T, Hv * dv))
+        y = proj(cfg.hidden_size, ("heads", "embed"), "out_proj")(y_BTHV.reshape(B, T, Hv * dv))
         return y if cache is None else (y, cache)
 
     @staticmethod
