@@ -17,6 +17,7 @@ from qwen35_jax.config import ModelConfig
 from qwen35_jax.sharding import constrain
 from qwen35_jax.layers import MIXERS, MoE, RMSNorm, SwiGLU
 from qwen35_jax.layers.common import accum_dtype, dense_init, dtypes
+from qwen35_jax.precision import quantize_module
 
 REMAT_POLICIES = {
     "full": None,
@@ -145,7 +146,9 @@ class Qwen35(nn.Module):
     def logits(self, h_BTD):
         dtype, _ = dtypes(self.cfg)
         w_DV = self.embed_tokens.embedding.T if self.cfg.tie_word_embeddings else self.lm_head
-        logits = jnp.dot(h_BTD.astype(dtype), w_DV.astype(dtype), preferred_element_type=accum_dtype(dtype))
+        # lax.dot_general, not jnp.dot: jnp.dot is a cached jit, so qwix's FP8 interception would leak across calls
+        logits = jax.lax.dot_general(h_BTD.astype(dtype), w_DV.astype(dtype), (((h_BTD.ndim - 1,), (0,)), ((), ())),
+                                     preferred_element_type=accum_dtype(dtype))
         return constrain(logits, ("batch", "seq", "vocab"))
 
     def mtp_logits(self, h_BTD, next_tokens_BT, segment_ids_BT, positions_BT, cache=None, cache_index=None):
@@ -168,8 +171,9 @@ class Qwen35(nn.Module):
 
 
 @functools.lru_cache(maxsize=64)
-def module_for(cfg: ModelConfig) -> Qwen35:
-    return Qwen35(cfg)
+def module_for(cfg: ModelConfig, fp8=None) -> Qwen35:
+    """The model module; with an FP8 recipe (precision.Fp8Config) its listed matmuls run in FP8 through qwix."""
+    return quantize_module(Qwen35(cfg), fp8)
 
 
 def default_inputs(tokens_BT, segment_ids_BT=None, positions_BT=None, start=0):
@@ -207,18 +211,19 @@ def init_params(cfg: ModelConfig, rng) -> dict:
 
 
 def forward(cfg: ModelConfig, params, tokens, *, segment_ids=None, positions=None, return_aux=False,
-            mtp_tokens=None):
+            mtp_tokens=None, fp8=None):
     """Logits [B, T, V] in fp32 (and, with `return_aux`, {"hidden": [B, T, D], "router": stats or None}).
 
     `segment_ids [B, T]` numbers the documents packed in a row (0 marks padding: it is neither attended to nor fed to
     the recurrent layers); `positions [B, T]` are RoPE positions (default 0..T-1). With `mtp_tokens [B, T]` (token
     t+1 at position t, i.e. the targets) and an MTP head, aux also holds "mtp_logits" (predicting token t+2).
+    `fp8`: a precision.Fp8Config to run its matmuls in FP8 (training's `precision: fp8`), or None.
     """
     check_tokens(cfg, tokens)
     seg, pos = default_inputs(tokens, segment_ids, positions)
     mtp = None if mtp_tokens is None else jnp.asarray(mtp_tokens, jnp.int32)
-    logits, aux = module_for(cfg).apply({"params": params}, jnp.asarray(tokens, jnp.int32), seg, pos,
-                                        mtp_tokens_BT=mtp)
+    logits, aux = module_for(cfg, fp8).apply({"params": params}, jnp.asarray(tokens, jnp.int32), seg, pos,
+                                             mtp_tokens_BT=mtp)
     return (logits, aux) if return_aux else logits
 
 

@@ -12,8 +12,9 @@ from typing import Any
 
 from qwen35_jax.config import (CONFIG_DIR, ConfigError, ModelConfig, load_config, parse_overrides,
                                read_yaml_mapping)
+from qwen35_jax.precision import Fp8Config
 
-PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}
+PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp8": "bfloat16"}  # fp8: bf16 around the FP8 matmuls
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +51,8 @@ class TrainConfig:
     eval_data: Any = None  # default: the validation split of `data`
     tokenizer: Any = dataclasses.field(default_factory=lambda: {"kind": "stdlib", "vocab_size": 4096})
     mesh: Any = dataclasses.field(default_factory=dict)  # axis sizes, e.g. {data: -1, fsdp: 2}
-    precision: str = "auto"  # "bf16" compute (fp32 master params), "fp32"; "auto": bf16 on TPU/GPU, fp32 on CPU
+    precision: str = "auto"  # "bf16" compute (fp32 master params), "fp32", "fp8"; "auto": bf16 on TPU/GPU, fp32 on CPU
+    fp8: Fp8Config = dataclasses.field(default_factory=Fp8Config)  # which matmuls precision=fp8 quantizes
     optimizer: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     z_loss: float = 0.0
     router_aux_loss: bool = True
@@ -167,9 +169,9 @@ def validate(cfg: TrainConfig) -> None:
         if not cond:
             raise ConfigError(f"train config: {msg}")
 
-    need(cfg.precision in PRECISIONS or cfg.precision in ("auto", "fp8"),
-         f"precision {cfg.precision!r} is not one of auto, fp32, bf16")
-    need(cfg.precision != "fp8", "precision fp8 is not implemented yet; use fp32 or bf16")
+    need(cfg.precision in PRECISIONS or cfg.precision == "auto",
+         f"precision {cfg.precision!r} is not one of auto, fp32, bf16, fp8")
+    cfg.fp8.validate()
     for k in ("steps", "batch_size", "seq_len", "checkpoint_every", "log_every", "eval_every", "keep_checkpoints"):
         need(getattr(cfg, k) > 0, f"{k} must be positive, got {getattr(cfg, k)}")
     need(cfg.optimizer.grad_accum >= 1, "optimizer.grad_accum must be >= 1")

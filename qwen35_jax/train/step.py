@@ -8,6 +8,7 @@ import optax
 
 from qwen35_jax.config import ModelConfig
 from qwen35_jax.model import forward
+from qwen35_jax.precision import recipe
 from qwen35_jax.train.config import TrainConfig
 from qwen35_jax.train.losses import cross_entropy_sum, expert_load_imbalance, load_balancing_loss, router_z_loss
 
@@ -23,7 +24,7 @@ def loss_and_metrics(model_cfg: ModelConfig, tcfg: TrainConfig, params, batch, n
     use_mtp = tcfg.mtp_lambda > 0 and model_cfg.mtp_num_layers > 0
     logits, aux = forward(model_cfg, params, batch["tokens"], segment_ids=batch["segment_ids"],
                           positions=batch["positions"], return_aux=True,
-                          mtp_tokens=batch["targets"] if use_mtp else None)
+                          mtp_tokens=batch["targets"] if use_mtp else None, fp8=recipe(tcfg))
     ce_sum, z_sum = cross_entropy_sum(logits, batch["targets"], batch["loss_mask"])
     ce = ce_sum / num_tokens
     total = ce
