@@ -7,27 +7,75 @@ reused only when its spec is unchanged.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import difflib
 import re
 from pathlib import Path
+from typing import Any
 
-
-from qwen35_jax.config import (CONFIG_DIR, ConfigError, ModelConfig, load_config, parse_overrides, read_yaml_mapping,
-                               to_dict)
-from qwen35_jax.train.config import set_dotted
+from qwen35_jax.config import CONFIG_DIR, ConfigError, ModelConfig, load_config, to_dict
+from qwen35_jax.schema import apply_overrides, build, nearest, read_yaml_mapping, resolve_file
+from qwen35_jax.schema import to_dict as plain
 
 SWEEP_DIR = CONFIG_DIR / "ablate"
 TASKS = ("mqar", "lm")
-TOP_KEYS = {"experiment", "task", "model", "variants", "sizes", "lrs", "seed", "out_dir", "match_params",
-            "profile_seq_lens", "profile_batch_size", "mqar", "lm"}
-MQAR_DEFAULTS = {"seq_lens": [64, 128, 256], "num_kv_pairs": None, "vocab_size": 256, "train_examples": 20000,
-                 "test_examples": 1000, "steps": 1000, "batch_size": 32, "eval_batch_size": 250,
-                 "warmup_steps": 50, "weight_decay": 0.1, "clip_norm": 1.0, "power_a": 0.01}
-LM_DEFAULTS = {"steps": 250, "batch_size": 16, "seq_len": 256, "data": {"kind": "stdlib"},
-               "tokenizer": {"kind": "stdlib", "vocab_size": 4096}, "eval_batches": 8, "eval_every": 50,
-               "log_every": 10, "sink_rows": 4, "train": {}}
+
+
+@dataclasses.dataclass(frozen=True)
+class MQARSettings:
+    """The `mqar:` section: the synthetic recall task and its training budget."""
+
+    seq_lens: tuple[int, ...] | int = (64, 128, 256)  # sequence lengths (even)
+    num_kv_pairs: int | dict[int, int] | None = None  # key-value pairs per example (per length); null: seq_len/16
+    vocab_size: int = 256  # token vocabulary of the task
+    train_examples: int = 20000  # training examples per length
+    test_examples: int = 1000  # test examples per length
+    steps: int = 1000  # optimizer steps per run
+    batch_size: int | dict[int, int] = 32  # examples per step (per length)
+    eval_batch_size: int = 250  # examples per evaluation batch
+    warmup_steps: int = 50  # linear warmup steps
+    weight_decay: float = 0.1  # AdamW weight decay
+    clip_norm: float = 1.0  # global gradient-norm clip
+    power_a: float = 0.01  # power-law skew of the key distribution (zoology)
+
+
+@dataclasses.dataclass(frozen=True)
+class LMSettings:
+    """The `lm:` section: language-model runs through the trainer."""
+
+    steps: int = 250  # optimizer steps per run
+    batch_size: int = 16  # rows per step
+    seq_len: int = 256  # tokens per row
+    data: dict[str, Any] | str = dataclasses.field(default_factory=lambda: {"kind": "stdlib"})  # data spec or path
+    tokenizer: dict[str, Any] | str = dataclasses.field(
+        default_factory=lambda: {"kind": "stdlib", "vocab_size": 4096})  # tokenizer spec or file
+    eval_batches: int = 8  # batches per validation pass
+    eval_every: int = 50  # steps between validation passes
+    log_every: int = 10  # steps between metric lines
+    sink_rows: int = 4  # validation rows for the attention-sink share
+    train: dict[str, Any] = dataclasses.field(default_factory=dict)  # extra trainer keys (dotted allowed)
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """A sweep file (`configs/ablate/*.yaml`): variants x sizes x learning rates (x lengths for MQAR)."""
+
+    experiment: str = ""  # name of the sweep (results go to experiments/results/NAME); required
+    task: str = ""  # mqar or lm; required
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)  # base model keys: {base: PRESET, ...keys}
+    variants: dict[str, str | dict[str, Any]] = dataclasses.field(default_factory=dict)  # name -> pattern or keys
+    sizes: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # name -> model keys; none: one size
+    lrs: tuple[float, ...] = ()  # learning rates; required
+    seed: int = 0  # seed of every run
+    out_dir: str | None = None  # results folder; null: experiments/results/EXPERIMENT
+    match_params: str | dict[str, Any] | None = None  # VARIANT or {to: VARIANT, by: intermediate_size}
+    profile_seq_lens: tuple[int, ...] = ()  # lengths of the memory/throughput profile
+    profile_batch_size: int = 4  # batch of the profile
+    mqar: MQARSettings | None = None  # task settings (task: mqar)
+    lm: LMSettings | None = None  # task settings (task: lm)
+
+
+MQAR_DEFAULTS = plain(MQARSettings())
+LM_DEFAULTS = plain(LMSettings())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,31 +108,24 @@ class Sweep:
     source: dict  # the resolved YAML mapping, recorded beside the results
 
 
-def _nearest(key, options) -> str:
-    m = difflib.get_close_matches(str(key), [str(o) for o in options], n=1, cutoff=0.5)
-    return f" (did you mean {m[0]!r}?)" if m else ""
-
-
 def resolve_path(config: str) -> Path:
     """A name under configs/ablate/ or a path to a YAML file."""
-    path = Path(config)
-    if path.suffix not in (".yaml", ".yml"):
-        path = SWEEP_DIR / f"{config}.yaml"
-        if not path.exists():
-            names = sorted(p.stem for p in SWEEP_DIR.glob("*.yaml"))
-            raise ConfigError(f"unknown sweep {config!r}{_nearest(config, names)}; configs/ablate has: "
-                              f"{', '.join(names)}")
-    if not path.exists():
-        raise ConfigError(f"sweep config file {str(path)!r} does not exist")
-    return path
+    return resolve_file(config, SWEEP_DIR, "sweep")
+
+
+def _read(config: str, overrides) -> tuple[dict, str]:
+    path = resolve_path(config)
+    return apply_overrides(read_yaml_mapping(path, "sweep keys"), overrides), str(path)
+
+
+def load_sweep_config(config: str, overrides=()) -> SweepConfig:
+    data, where = _read(config, overrides)
+    return build(SweepConfig, data, where)
 
 
 def load_sweep(config: str, overrides=()) -> Sweep:
-    path = resolve_path(config)
-    data = read_yaml_mapping(path, "sweep keys")
-    for k, v in parse_overrides(overrides).items():
-        set_dotted(data, k, v)
-    return build_sweep(data, where=str(path))
+    data, where = _read(config, overrides)
+    return build_sweep(data, where=where)
 
 
 def _need(cond, where: str, key: str, msg: str) -> None:
@@ -96,25 +137,6 @@ def _positive_int(value, where: str, key: str) -> int:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer() and value > 0
     _need(ok, where, key, f"must be a positive integer, got {value!r}")
     return int(value)
-
-
-def _number(value, where: str, key: str) -> float:
-    if isinstance(value, str):  # YAML 1.1 reads 3e-3 as a string
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    _need(isinstance(value, (int, float)) and not isinstance(value, bool), where, key,
-          f"must be a number, got {value!r}")
-    return float(value)
-
-
-def _section(data: dict, name: str, defaults: dict, where: str) -> dict:
-    given = data.get(name) or {}
-    _need(isinstance(given, dict), where, name, f"must be a mapping, got {given!r}")
-    for k in given:
-        _need(k in defaults, where, f"{name}.{k}", f"is unknown{_nearest(k, defaults)}; known: {', '.join(defaults)}")
-    return {**copy.deepcopy(defaults), **given}
 
 
 def _overrides(value, where: str, key: str) -> dict:
@@ -144,7 +166,7 @@ def _match_params(cfgs: dict[str, ModelConfig], spec, where: str) -> dict[str, M
     _need(isinstance(spec, dict) and "to" in spec, where, "match_params",
           f"must be a variant name or {{to: VARIANT, by: intermediate_size}}, got {spec!r}")
     ref, by = spec["to"], spec.get("by", "intermediate_size")
-    _need(ref in cfgs, where, "match_params.to", f"names no variant: {ref!r}{_nearest(ref, cfgs)}")
+    _need(ref in cfgs, where, "match_params.to", f"names no variant: {ref!r}{nearest(ref, cfgs)}")
     _need(by in ("intermediate_size", "moe_intermediate_size"), where, "match_params.by",
           f"must be intermediate_size or moe_intermediate_size, got {by!r}")
     target = cfgs[ref].param_counts()["total"]
@@ -168,38 +190,35 @@ def _run_id(*parts) -> str:
 
 
 def build_sweep(data: dict, where: str = "sweep") -> Sweep:
-    for k in data:
-        _need(k in TOP_KEYS, where, k, f"is unknown{_nearest(k, TOP_KEYS)}; known: {', '.join(sorted(TOP_KEYS))}")
+    sc = build(SweepConfig, data, where)
     for k in ("experiment", "task", "variants", "lrs"):
         _need(k in data, where, k, "is required")
-    experiment = data["experiment"]
-    _need(isinstance(experiment, str) and re.fullmatch(r"[A-Za-z0-9_.-]+", experiment), where, "experiment",
+    experiment = sc.experiment
+    _need(re.fullmatch(r"[A-Za-z0-9_.-]+", experiment), where, "experiment",
           f"must be a name of letters, digits, '_', '.', '-', got {experiment!r}")
-    task = data["task"]
+    task = sc.task
     _need(task in TASKS, where, "task", f"must be one of {', '.join(TASKS)}, got {task!r}")
     other = "lm" if task == "mqar" else "mqar"
-    _need(data.get(other) is None, where, other, f"is a section of task {other!r}; this sweep's task is {task!r}")
-    settings = _section(data, task, MQAR_DEFAULTS if task == "mqar" else LM_DEFAULTS, where)
-    base = data.get("model") or {}
-    _need(isinstance(base, dict), where, "model", f"must be a mapping (base: PRESET plus model keys), got {base!r}")
-    variants = data["variants"]
-    _need(isinstance(variants, dict) and variants, where, "variants",
+    _need(getattr(sc, other) is None, where, other, f"is a section of task {other!r}; this sweep's task is {task!r}")
+    section = getattr(sc, task) or (MQARSettings() if task == "mqar" else LMSettings())
+    settings = plain(section)
+    base = sc.model
+    variants = sc.variants
+    _need(variants, where, "variants",
           "must be a non-empty mapping of name -> layer pattern (or a mapping of model keys)")
-    sizes = data.get("sizes") or {"": {}}
-    _need(isinstance(sizes, dict), where, "sizes", f"must be a mapping of name -> model keys, got {sizes!r}")
+    sizes = sc.sizes or {"": {}}
     for group, names in (("variants", variants), ("sizes", [s for s in sizes if s])):
         for name in names:
             _need(re.fullmatch(r"[A-Za-z0-9_-]+", str(name)), where, f"{group}.{name}",
                   "is a name with characters other than letters, digits, '_', '-'")
-    lrs = data["lrs"]
-    _need(isinstance(lrs, list) and lrs, where, "lrs", f"must be a non-empty list of learning rates, got {lrs!r}")
-    lrs = [_number(lr, where, "lrs") for lr in lrs]
+    lrs = list(sc.lrs)
+    _need(lrs, where, "lrs", f"must be a non-empty list of learning rates, got {lrs!r}")
     _need(all(lr > 0 for lr in lrs), where, "lrs", f"must be positive, got {lrs}")
-    seed = int(_number(data.get("seed", 0), where, "seed"))
-    profile = data.get("profile_seq_lens") or []
-    _need(isinstance(profile, list), where, "profile_seq_lens", f"must be a list of sequence lengths, got {profile!r}")
-    profile = tuple(_positive_int(t, where, "profile_seq_lens") for t in profile)
-    profile_batch = _positive_int(data.get("profile_batch_size", 4), where, "profile_batch_size")
+    seed = sc.seed
+    profile = sc.profile_seq_lens
+    for t in profile:
+        _need(t > 0, where, "profile_seq_lens", f"must be positive integers, got {list(profile)}")
+    profile_batch = _positive_int(sc.profile_batch_size, where, "profile_batch_size")
 
     if task == "mqar":
         seq_lens = _mqar_settings(settings, where)
@@ -218,8 +237,8 @@ def build_sweep(data: dict, where: str = "sweep") -> Sweep:
             _need("layer_pattern" in over, where, f"variants.{name}", "needs a layer_pattern")
             layers = ([(f"sizes.{size}", size_over)] if size else []) + [(f"variants.{name}", over)]
             cfgs[name] = _model(base, *layers, where=where)
-        if data.get("match_params"):
-            cfgs = _match_params(cfgs, data["match_params"], where)
+        if sc.match_params:
+            cfgs = _match_params(cfgs, sc.match_params, where)
         for name, cfg in cfgs.items():
             cfg = cfg.replace(name=f"{name}/{size}" if size else name)
             for seq_len in seq_lens:
@@ -235,7 +254,7 @@ def build_sweep(data: dict, where: str = "sweep") -> Sweep:
     ids = [r.run_id for r in runs]
     dup = next((i for i in ids if ids.count(i) > 1), None)
     _need(dup is None, where, "lrs", f"gives two runs the same id {dup!r} (learning rates equal to 1 digit)")
-    out_dir = Path(data.get("out_dir") or f"experiments/results/{experiment}")
+    out_dir = Path(sc.out_dir or f"experiments/results/{experiment}")
     return Sweep(experiment, task, tuple(runs), settings, out_dir, seed, profile, profile_batch, _jsonable(data))
 
 
@@ -259,7 +278,7 @@ def _mqar_settings(s: dict, where: str) -> list[int]:
     _need(isinstance(s["warmup_steps"], int) and s["warmup_steps"] >= 0, where, "mqar.warmup_steps",
           f"must be an integer >= 0, got {s['warmup_steps']!r}")
     for k in ("weight_decay", "clip_norm", "power_a"):
-        s[k] = _number(s[k], where, f"mqar.{k}")
+        s[k] = float(s[k])
     s["batch_size"] = _per_seq_len(s, "batch_size", seq_lens, None, where)
     s["num_kv_pairs"] = _per_seq_len(s, "num_kv_pairs", seq_lens, lambda t: max(1, t // 16), where)  # zoology: T/16
     for t, p in s["num_kv_pairs"].items():

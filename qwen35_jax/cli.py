@@ -8,6 +8,7 @@ import sys
 # subcommand -> (module, function taking argv, one-line help)
 COMMANDS = {
     "info": ("qwen35_jax.cli", "info_main", "describe a model preset: parameters, active parameters, FLOPs/token"),
+    "config": ("qwen35_jax.cli", "config_main", "list every config key (train, model, sweep) with its value and doc"),
     "train": ("qwen35_jax.train.main", "train_main", "train a model (no CONFIG: the embedded CPU default)"),
     "eval": ("qwen35_jax.train.main", "eval_main", "score a run's checkpoint on a data spec"),
     "aot": ("qwen35_jax.train.aot", "aot_main", "compile the train step for a TPU topology and report memory"),
@@ -31,6 +32,46 @@ def info_main(argv) -> int:
     names = [args.model] if args.model else preset_names()
     for name in names:
         print(describe(load_config(name, **parse_overrides(args.overrides)), args.seq_len))
+    return 0
+
+
+def config_keys(kind: str, config=None, overrides=()) -> str:
+    """The key listing of `qwen35 config KIND [CONFIG] [key=value ...]`: defaults, or a config's resolved values."""
+    from qwen35_jax.schema import describe, format_keys
+
+    if kind == "train":
+        from qwen35_jax.train.config import TrainConfig, load_train_config
+
+        cls, instance = TrainConfig, load_train_config(config, overrides)
+    elif kind == "model":
+        from qwen35_jax.config import ModelConfig, load_config, parse_overrides
+
+        cls = ModelConfig
+        instance = load_config(config, **parse_overrides(overrides)) if config else ModelConfig()
+    else:
+        from experiments.sweep import SweepConfig, load_sweep_config
+
+        cls = SweepConfig
+        instance = load_sweep_config(config, overrides) if config else None
+    return format_keys(describe(cls, instance))
+
+
+def config_main(argv) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="qwen35 config", description=COMMANDS["config"][2])
+    parser.add_argument("kind", choices=["train", "model", "sweep"])
+    parser.add_argument("config", nargs="?", help="a recipe / preset / sweep (name or YAML path): show its values")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nesting")
+    args = parser.parse_intermixed_args(argv)
+    if args.config and "=" in args.config:
+        args.overrides.insert(0, args.config)
+        args.config = None
+    if args.kind == "sweep" and args.overrides and not args.config:
+        from qwen35_jax.config import ConfigError
+
+        raise ConfigError("qwen35 config sweep: overrides need a sweep config (configs/ablate name or path)")
+    print(config_keys(args.kind, args.config, args.overrides))
     return 0
 
 

@@ -7,11 +7,13 @@ B batch, T time, D hidden, H heads, K key/head dim, V value dim, E experts, F ff
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import yaml
+from qwen35_jax.schema import (ConfigError, apply_overrides, build, field, nearest, parse_overrides, read_yaml_mapping,
+                               resolve_file, to_dict)
+
+from qwen35_jax.vision_config import VisionConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -23,10 +25,7 @@ MIXER_LETTERS = {
 HF_MIXER_NAMES = {"linear_attention": "gdn", "full_attention": "attn"}
 FFN_KINDS = ("mlp", "moe")
 FAMILIES = ("qwen3_5", "qwen3_5_moe", "qwen3_next")
-
-
-class ConfigError(ValueError):
-    """A bad configuration; the message is one line naming the key and the problem."""
+DTYPE_NAMES = Literal["float32", "bfloat16", "float64", "float16"]
 
 
 def known_mixers() -> tuple[str, ...]:
@@ -37,58 +36,65 @@ def known_mixers() -> tuple[str, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The whole model contract. Defaults are the Qwen3.5 conventions; sizes come from presets."""
+    """The whole model contract. Defaults are the Qwen3.5 conventions; sizes come from presets.
 
-    name: str = "custom"
-    family: str = "qwen3_5_moe"  # Hugging Face family used for import/export
-    vocab_size: int = 4096
-    hidden_size: int = 128  # D
-    num_layers: int = 4
-    layer_pattern: tuple[str, ...] | str = ("gdn", "gdn", "gdn", "attn")  # tiled to num_layers
+    Every field is a config key (`qwen35 config model` lists them): its annotation is checked on load and the
+    comment ending its line is its doc. Fields must stay hashable (tuples, frozen dataclasses), since compiled
+    modules are cached per config.
+    """
+
+    name: str = "custom"  # a label for logs and files (presets: the file name)
+    family: Literal["qwen3_5", "qwen3_5_moe", "qwen3_next"] = "qwen3_5_moe"  # Hugging Face family (import/export)
+    vocab_size: int = 4096  # V: embedding rows and LM-head columns
+    hidden_size: int = 128  # D: the residual stream width
+    num_layers: int = 4  # decoder layers
+    layer_pattern: tuple[str, ...] | str = field(("gdn", "gdn", "gdn", "attn"),
+                                                 doc="mixer per layer: GGGA letters, names or HF layer_types; tiled")
     mlp_only_layers: tuple[int, ...] = ()  # MoE models: layers that use a dense MLP instead
     # Gated attention.
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    head_dim: int = 32
-    rotary_fraction: float = 0.25
-    rope_theta: float = 1.0e7
-    attn_output_gate: str = "elementwise"  # "elementwise" (Qwen3.5), "headwise", "none"
-    sliding_window: int = 0  # 0: full causal attention
+    num_heads: int = 4  # query heads of the attention layers
+    num_kv_heads: int = 2  # key/value heads (GQA); divides num_heads
+    head_dim: int = 32  # attention head width
+    rotary_fraction: float = 0.25  # share of head_dim that RoPE rotates (partial RoPE)
+    rope_theta: float = 1.0e7  # RoPE base frequency
+    attn_output_gate: Literal["elementwise", "headwise", "none"] = "elementwise"  # sigmoid gate on attention output
+    sliding_window: int = 0  # attention window in tokens; 0: full causal attention
     # Gated DeltaNet.
-    gdn_num_key_heads: int = 2
-    gdn_num_value_heads: int = 4
-    gdn_key_dim: int = 32
-    gdn_value_dim: int = 32
-    gdn_conv_kernel: int = 4
-    gdn_chunk_size: int = 64
-    gdn_impl: str = "auto"  # "auto", "xla", "pallas", "recurrent"
+    gdn_num_key_heads: int = 2  # Gated DeltaNet query/key heads
+    gdn_num_value_heads: int = 4  # Gated DeltaNet value heads; a multiple of gdn_num_key_heads
+    gdn_key_dim: int = 32  # Gated DeltaNet key head width
+    gdn_value_dim: int = 32  # Gated DeltaNet value head width
+    gdn_conv_kernel: int = 4  # taps of the causal depthwise conv before q, k, v
+    gdn_chunk_size: int = 64  # chunk length of the chunked delta rule (a power of two)
+    gdn_impl: Literal["auto", "xla", "pallas", "recurrent"] = "auto"  # delta-rule kernel; auto: pallas on TPU
     # Feed-forward.
     intermediate_size: int = 512  # dense SwiGLU width (dense models and mlp_only_layers)
-    num_experts: int = 8  # 0: dense model
-    experts_per_token: int = 2
-    moe_intermediate_size: int = 128
-    shared_expert_intermediate_size: int = 128
-    norm_topk_prob: bool = True
-    router_aux_loss_coef: float = 0.001
-    moe_impl: str = "auto"  # grouped-matmul implementation
-    capacity_factor: float = 0.0  # 0: dropless
+    num_experts: int = 8  # routed experts; 0: dense model
+    experts_per_token: int = 2  # top-k routed experts per token
+    moe_intermediate_size: int = 128  # SwiGLU width of each routed expert
+    shared_expert_intermediate_size: int = 128  # SwiGLU width of the gated shared expert; 0: none
+    norm_topk_prob: bool = True  # renormalise the top-k router weights to sum to 1
+    router_aux_loss_coef: float = 0.001  # weight of the load-balancing loss
+    moe_impl: Literal["auto", "xla", "pallas", "reference"] = "auto"  # grouped-matmul kernel; auto: pallas on TPU
+    capacity_factor: float = 0.0  # expert capacity in units of the balanced load; 0: dropless
     # Norms, embeddings, positions.
-    rms_norm_eps: float = 1e-6
-    tie_word_embeddings: bool = True
-    max_position_embeddings: int = 262144
-    initializer_range: float = 0.02
-    mrope_section: tuple[int, ...] = (11, 11, 10)
+    rms_norm_eps: float = 1e-6  # RMSNorm epsilon
+    tie_word_embeddings: bool = True  # the LM head is the transposed embedding
+    max_position_embeddings: int = 262144  # longest sequence the model is meant for
+    initializer_range: float = 0.02  # std of the normal init of matrices
+    mrope_section: tuple[int, ...] = (11, 11, 10)  # multimodal RoPE sections (temporal, height, width)
     # Multi-token prediction.
-    mtp_num_layers: int = 0
+    mtp_num_layers: int = 0  # MTP heads (0 or 1)
     # Numerics and compilation.
-    param_dtype: str = "float32"
-    dtype: str = "float32"  # compute dtype
-    scan_layers: bool = True
-    remat: str = "none"  # "none", "full", "dots", "dots_no_batch"
+    param_dtype: DTYPE_NAMES = "float32"  # dtype parameters are stored in
+    dtype: DTYPE_NAMES = "float32"  # compute dtype
+    scan_layers: bool = True  # scan over layer groups (compile time flat in depth) instead of unrolling
+    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"  # activation rematerialisation per layer
     # Token ids (for generation and data).
-    bos_token_id: int | None = None
-    eos_token_id: int | None = None
-    pad_token_id: int | None = None
+    bos_token_id: int | None = None  # beginning-of-sequence id, if any
+    eos_token_id: int | None = None  # end-of-sequence id, if any
+    pad_token_id: int | None = None  # padding id, if any
+    vision: VisionConfig | None = None  # the vision tower (qwen35_jax/vision_config.py); null: text only
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass normalisation)
@@ -96,6 +102,18 @@ class ModelConfig:
         set_("mlp_only_layers", tuple(int(i) for i in self.mlp_only_layers))
         set_("mrope_section", tuple(int(i) for i in self.mrope_section))
         validate(self)
+
+    @classmethod
+    def __config_resolve__(cls, value, where: str) -> dict:
+        """A preset name or YAML path, or a mapping `{base: PRESET, ...keys}`, -> a mapping of model keys."""
+        if isinstance(value, (str, Path)):
+            return preset_mapping(value)
+        if isinstance(value, dict) and "base" in value:
+            rest = dict(value)
+            base = rest.pop("base")
+            base_data = cls.__config_resolve__(base, where) if base is not None else {}
+            return {**base_data, **rest}  # a modified preset keeps the preset's name
+        return value
 
     # ----- derived shapes -----
     @property
@@ -122,7 +140,8 @@ class ModelConfig:
         return 2 * self.gdn_num_key_heads * self.gdn_key_dim + self.gdn_num_value_heads * self.gdn_value_dim
 
     def replace(self, **overrides) -> "ModelConfig":
-        return from_dict({**to_dict(self), **overrides})
+        """A copy with some keys changed, checked like a loaded config."""
+        return from_dict({**to_dict(self), **overrides}, source=f"model config {self.name!r}")
 
     # ----- the contract: parameter counts and FLOPs -----
     def param_counts(self) -> dict[str, int]:
@@ -169,136 +188,89 @@ def register_mixer_letter(letter: str, name: str) -> None:
 # Validation
 
 
-def _nearest(key: str, options) -> str:
-    match = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
-    return f" (did you mean {match[0]!r}?)" if match else ""
-
-
 def validate(cfg: ModelConfig) -> None:
     def need(cond, msg):
         if not cond:
             raise ConfigError(f"model config {cfg.name!r}: {msg}")
 
-    for f in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+    check_choices(cfg, need)
+    for f in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+              "gdn_num_key_heads", "gdn_num_value_heads", "gdn_key_dim", "gdn_value_dim", "gdn_chunk_size"):
         need(getattr(cfg, f) > 0, f"{f} must be positive, got {getattr(cfg, f)}")
-    need(cfg.family in FAMILIES, f"family {cfg.family!r} is not one of {FAMILIES}")
+    for f in ("intermediate_size", "num_experts", "shared_expert_intermediate_size", "sliding_window",
+              "mtp_num_layers"):
+        need(getattr(cfg, f) >= 0, f"{f} must be >= 0, got {getattr(cfg, f)}")
     mixers = known_mixers()
     for i, m in enumerate(cfg.layer_pattern):
-        need(m in mixers, f"layer {i} names unknown mixer {m!r}{_nearest(m, mixers)}; known: {', '.join(mixers)}")
+        need(m in mixers, f"layer {i} names unknown mixer {m!r}{nearest(m, mixers)}; known: {', '.join(mixers)}")
     need(cfg.num_heads % cfg.num_kv_heads == 0,
          f"num_heads={cfg.num_heads} is not a multiple of num_kv_heads={cfg.num_kv_heads}")
     need(cfg.gdn_num_value_heads % cfg.gdn_num_key_heads == 0,
          f"gdn_num_value_heads={cfg.gdn_num_value_heads} is not a multiple of "
          f"gdn_num_key_heads={cfg.gdn_num_key_heads}")
+    c = cfg.gdn_chunk_size
+    need(c & (c - 1) == 0, f"gdn_chunk_size={c} is not a power of two (the chunked kernels need one, e.g. "
+                           f"{1 << (c.bit_length() - 1)} or {1 << c.bit_length()})")
     rot = cfg.head_dim * cfg.rotary_fraction
     need(abs(rot - round(rot)) < 1e-9 and int(round(rot)) % 2 == 0 and 0 <= rot <= cfg.head_dim,
          f"rotary width head_dim*rotary_fraction = {rot:g} must be an even integer <= head_dim")
-    need(cfg.attn_output_gate in ("elementwise", "headwise", "none"),
-         f"attn_output_gate {cfg.attn_output_gate!r} is not one of elementwise, headwise, none")
     if cfg.is_moe:
         need(0 < cfg.experts_per_token <= cfg.num_experts,
              f"experts_per_token={cfg.experts_per_token} must be in [1, num_experts={cfg.num_experts}]")
         need(cfg.moe_intermediate_size > 0, "moe_intermediate_size must be positive for a MoE model")
     for i in cfg.mlp_only_layers:
         need(0 <= i < cfg.num_layers, f"mlp_only_layers names layer {i}, outside [0, {cfg.num_layers})")
-    need(cfg.remat in ("none", "full", "dots", "dots_no_batch"),
-         f"remat {cfg.remat!r} is not one of none, full, dots, dots_no_batch")
-    for f in ("param_dtype", "dtype"):
-        need(getattr(cfg, f) in ("float32", "bfloat16", "float64", "float16"),
-             f"{f} {getattr(cfg, f)!r} is not a float dtype name")
-    need(cfg.gdn_impl in ("auto", "xla", "pallas", "recurrent"), f"gdn_impl {cfg.gdn_impl!r} is unknown")
     need(cfg.gdn_conv_kernel >= 1, "gdn_conv_kernel must be >= 1")
     need(cfg.mtp_num_layers in (0, 1), f"mtp_num_layers={cfg.mtp_num_layers}: the released design has 0 or 1")
+    need(cfg.capacity_factor >= 0, f"capacity_factor must be >= 0, got {cfg.capacity_factor}")
+
+
+def check_choices(cfg, need) -> None:
+    """Choice (Literal) fields hold one of their values even when a config is built directly in Python."""
+    import typing
+
+    from qwen35_jax.schema import _hints
+
+    for name, tp in _hints(type(cfg)).items():
+        if typing.get_origin(tp) is Literal:
+            value, options = getattr(cfg, name), typing.get_args(tp)
+            need(value in options, f"{name} {value!r} is not one of {', '.join(options)}{nearest(value, options)}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Loading: presets, YAML files, overrides
-
-
-def _field_types() -> dict[str, Any]:
-    return {f.name: f for f in dataclasses.fields(ModelConfig)}
+# Loading: presets, YAML files, overrides (the mechanism is qwen35_jax.schema)
 
 
 def from_dict(d: dict[str, Any], *, source: str = "config") -> ModelConfig:
-    fields = _field_types()
-    unknown = [k for k in d if k not in fields]
-    if unknown:
-        k = unknown[0]
-        raise ConfigError(f"{source}: unknown model key {k!r}{_nearest(k, fields)}")
-    kwargs = {}
-    for k, v in d.items():
-        default = fields[k].default
-        if isinstance(default, tuple) and isinstance(v, list):
-            v = tuple(v)
-        if isinstance(default, bool) and not isinstance(v, bool):
-            raise ConfigError(f"{source}: key {k!r} must be true/false, got {v!r}")
-        if isinstance(default, float) and isinstance(v, str):
-            try:  # YAML 1.1 reads "1e4" as a string
-                v = float(v)
-            except ValueError:
-                pass
-        if isinstance(default, int) and not isinstance(default, bool) and isinstance(v, float) and v.is_integer():
-            v = int(v)
-        if isinstance(default, (int, float)) and not isinstance(default, bool) and v is not None:
-            if not isinstance(v, (int, float)) or isinstance(v, bool):
-                raise ConfigError(f"{source}: key {k!r} must be a number, got {v!r}")
-            if isinstance(default, int) and not isinstance(v, int):
-                raise ConfigError(f"{source}: key {k!r} must be an integer, got {v!r}")
-        kwargs[k] = v
-    return ModelConfig(**kwargs)
-
-
-def to_dict(cfg: ModelConfig) -> dict[str, Any]:
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    """A ModelConfig from a mapping of model keys (a `base:` key starts from that preset)."""
+    return build(ModelConfig, ModelConfig.__config_resolve__(dict(d), source), source)
 
 
 def preset_names() -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
 
 
-def parse_overrides(items) -> dict[str, Any]:
-    """["a=1", "b=x"] -> {"a": 1, "b": "x"} with YAML scalars; dicts pass through."""
-    if isinstance(items, dict):
-        return dict(items)
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v) if v.strip() else ""
-    return out
-
-
-def read_yaml_mapping(path: Path, what: str) -> dict:
-    """A YAML file that must hold a mapping (an empty file is {}); bad YAML or another type is a one-line error."""
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of {what}, got {type(data).__name__}")
+def preset_mapping(name_or_path) -> dict:
+    """The model keys of a preset name (`configs/model/NAME.yaml`) or a YAML path (name defaults to the stem)."""
+    path = resolve_file(str(name_or_path), CONFIG_DIR / "model", "model preset")
+    data = read_yaml_mapping(path, "model keys")
+    data.setdefault("name", path.stem)
     return data
 
 
 def load_config(name_or_path: str | dict | ModelConfig = "tiny", **overrides) -> ModelConfig:
-    """A preset name (`configs/model/NAME.yaml`), a YAML path, a mapping or a config, plus overrides."""
+    """A preset name (`configs/model/NAME.yaml`), a YAML path, a mapping or a config, plus overrides (dotted keys
+    reach nested configs)."""
     if isinstance(name_or_path, ModelConfig):
-        return name_or_path.replace(**overrides) if overrides else name_or_path
-    if isinstance(name_or_path, dict):
-        return from_dict({**name_or_path, **overrides}, source="model mapping")
-    path = Path(name_or_path)
-    if path.suffix not in (".yaml", ".yml"):
-        path = CONFIG_DIR / "model" / f"{name_or_path}.yaml"
-        if not path.exists():
-            raise ConfigError(
-                f"unknown model preset {name_or_path!r}{_nearest(str(name_or_path), preset_names())}; "
-                f"presets: {', '.join(preset_names())}"
-            )
-    if not path.exists():
-        raise ConfigError(f"model config file {str(path)!r} does not exist")
-    data = read_yaml_mapping(path, "model keys")
-    data.setdefault("name", path.stem)
-    return from_dict({**data, **overrides}, source=str(path))
+        if not overrides:
+            return name_or_path
+        data, where = to_dict(name_or_path), f"model config {name_or_path.name!r}"
+    elif isinstance(name_or_path, dict):
+        data, where = ModelConfig.__config_resolve__(dict(name_or_path), "model mapping"), "model mapping"
+    else:
+        data = preset_mapping(name_or_path)
+        where = str(name_or_path) if str(name_or_path).endswith((".yaml", ".yml")) else f"model config {data['name']!r}"
+    return build(ModelConfig, apply_overrides(data, overrides), where)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -379,5 +351,5 @@ def describe(cfg: ModelConfig, seq_len: int = 4096) -> str:
             f"{human(cfg.flops_per_token(seq_len))} train FLOPs/token at T={seq_len}")
 
 
-__all__ = ["ModelConfig", "ConfigError", "load_config", "from_dict", "to_dict", "parse_overrides",
+__all__ = ["ModelConfig", "ConfigError", "load_config", "from_dict", "to_dict", "parse_overrides", "preset_mapping",
            "preset_names", "expand_pattern", "describe"]

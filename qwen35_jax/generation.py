@@ -27,6 +27,7 @@ import numpy as np
 
 from qwen35_jax.config import ModelConfig
 from qwen35_jax.errors import UserError
+from qwen35_jax.multimodal import prepare_vision
 from qwen35_jax.model import forward_cached, init_cache, init_mtp_cache, mtp_forward_cached
 
 PROMPT_BUCKET = 32  # prompts are left-padded to a multiple of this (fewer prefill compiles)
@@ -119,8 +120,9 @@ def _programs(cfg: ModelConfig, s: Sampling, chunk: int):
     """Jitted prefill and decode-chunk functions for one model config and sampling setting."""
 
     @jax.jit
-    def prefill(params, tokens, seg, pos, cache, key):
-        logits, hidden, cache = forward_cached(cfg, params, tokens, cache, segment_ids=seg, positions=pos)
+    def prefill(params, tokens, seg, pos, cache, key, vision=None):
+        logits, hidden, cache = forward_cached(cfg, params, tokens, cache, segment_ids=seg, positions=pos,
+                                               vision=vision)
         return sample(logits[:, -1], key, s), logits, hidden, cache
 
     @jax.jit
@@ -140,12 +142,15 @@ def _programs(cfg: ModelConfig, s: Sampling, chunk: int):
 def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 32,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, stop_tokens: Sequence[int] = (),
              seed: int = 0, speculative: str | None = None, draft_tokens: int = 2, chunk: int = 16,
-             on_tokens: Callable[[list[list[int]]], None] | None = None) -> GenerationResult:
+             on_tokens: Callable[[list[list[int]]], None] | None = None, pixel_values=None, image_grid_thw=None,
+             pixel_values_videos=None, video_grid_thw=None) -> GenerationResult:
     """Generates up to `max_new_tokens` after each prompt (a list of token-id lists; batched, any lengths).
 
     `on_tokens(new_tokens_per_prompt)` is called as tokens become available (streaming). Rows stop at the first
     token in `stop_tokens`. `speculative="mtp"` drafts `draft_tokens` tokens per step with the MTP head (batch 1).
     `chunk` is the number of decode steps (speculative: draft-verify rounds) per compiled call.
+    Images / videos (`pixel_values`, `image_grid_thw`, ... as in `forward`, in prompt order) fill the prompts'
+    placeholder tokens; decoding continues the mRoPE positions after the largest prompt position.
     """
     s = Sampling(float(temperature), int(top_k), float(top_p))
     s.check(cfg.vocab_size)
@@ -153,6 +158,8 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
     if speculative not in (None, "mtp"):
         raise UserError(f"speculative must be None or 'mtp', got {speculative!r}")
     if speculative:
+        if pixel_values is not None or pixel_values_videos is not None:
+            raise UserError("speculative decoding does not take image or video inputs yet; use plain decoding")
         if len(prompts) != 1:
             raise UserError(f"speculative decoding runs one prompt at a time, got {len(prompts)}")
         if not cfg.mtp_num_layers:
@@ -163,6 +170,12 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
                                      draft_tokens, chunk, on_tokens)
     stop = set(int(t) for t in stop_tokens)
     tokens, seg, pos = _left_pad(prompts, PROMPT_BUCKET)
+    vision, next_pos = None, pos[:, -1] + 1
+    if any(x is not None for x in (pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)):
+        vision, pos = prepare_vision(cfg, tokens, segment_ids=seg, pixel_values=pixel_values,
+                                     image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
+                                     video_grid_thw=video_grid_thw)
+        next_pos = np.asarray(pos).max(axis=(0, 2)) + 1  # mRoPE: text resumes after the largest position
     B, P = tokens.shape
     steps = -(-(max_new_tokens - 1) // chunk) * chunk
     cache = init_cache(cfg, B, P + steps + 1)
@@ -170,7 +183,7 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
     key = jax.random.key(seed)
     key, sub = jax.random.split(key)
     t0 = time.perf_counter()
-    first, _, _, cache = prefill(params, tokens, seg, pos, cache, sub)
+    first, _, _, cache = prefill(params, tokens, seg, pos, cache, sub, vision)
     first = np.asarray(first)
     prefill_s = time.perf_counter() - t0
     out = [[] for _ in range(B)]
@@ -189,7 +202,7 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
             on_tokens(new)
 
     emit(first[:, None])
-    token_B, pos_B = jnp.asarray(first), jnp.asarray(pos[:, -1] + 1)
+    token_B, pos_B = jnp.asarray(first), jnp.asarray(next_pos)
     t0 = time.perf_counter()
     while not all(done):
         key, sub = jax.random.split(key)

@@ -36,6 +36,17 @@ IGNORED_PREFIXES = ("model.visual.",)
 NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float64": np.float64}
 
 
+# Modules that add a group of tensors and config keys (qwen35_jax/hf_vision.py: `model.visual.*`). Each provides
+# config_from_hf(config_dict, tensor_names) -> ModelConfig overrides, config_to_hf(cfg, exported_dict) -> dict,
+# tensor_specs(cfg) -> {name: Spec}.
+EXTENSIONS: list = []
+
+
+def register_extension(ext) -> None:
+    if ext not in EXTENSIONS:
+        EXTENSIONS.append(ext)
+
+
 class CheckpointError(ValueError):
     """A checkpoint that does not match its config: names the tensor and the shapes."""
 
@@ -191,6 +202,8 @@ def tensor_specs(cfg: ModelConfig, prefix: str = "model.", expert_layout: str = 
         specs["mtp.fc.weight"] = _leaf(m + ("fc", "kernel"), None, (), T, T, (D, 2 * D))
         _block_specs(cfg, specs, "mtp.layers.0.", m + ("layers_0",), None, "attn", "moe" if cfg.is_moe else "mlp",
                      expert_layout)
+    for ext in EXTENSIONS:
+        specs.update(ext.tensor_specs(cfg))
     return specs
 
 
@@ -355,6 +368,8 @@ def load(path, dtype: str = "float32", compute_dtype: str | None = None) -> tupl
     has_mtp = any(n.startswith("mtp.") for n in names)
     if has_mtp != bool(cfg.mtp_num_layers):  # trust the tensors: stripped checkpoints drop the MTP head
         cfg = cfg.replace(mtp_num_layers=1 if has_mtp else 0)
+    for ext in EXTENSIONS:
+        cfg = cfg.replace(**ext.config_from_hf(cfg_dict, names))
     specs = tensor_specs(cfg, prefix, layout)
     missing = [n for n in specs if n not in reader.weight_map]
     if missing:
@@ -399,7 +414,7 @@ def save(cfg: ModelConfig, params, path, *, expert_layout: str = "per_expert", d
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     np_dtype = NP_DTYPES[dtype or cfg.param_dtype]
-    specs = tensor_specs(cfg, "model.", expert_layout)
+    specs = tensor_specs(cfg, "model.language_model." if cfg.vision is not None else "model.", expert_layout)
     host = jax.tree.map(np.asarray, params)
     shards, current, size = [], {}, 0
 
@@ -418,6 +433,8 @@ def save(cfg: ModelConfig, params, path, *, expert_layout: str = "per_expert", d
         size += a.nbytes
     flush()
     config = config_to_hf(cfg)
+    for ext in EXTENSIONS:
+        config = ext.config_to_hf(cfg, config)
     config["dtype"] = np.dtype(np_dtype).name
     (path / "config.json").write_text(json.dumps(config, indent=2))
     if len(shards) == 1:
@@ -431,3 +448,8 @@ def save(cfg: ModelConfig, params, path, *, expert_layout: str = "per_expert", d
         total += sum(a.nbytes for a in shard.values())
     (path / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+from qwen35_jax import hf_vision  # noqa: E402
+
+register_extension(hf_vision)

@@ -14,9 +14,11 @@ import jax
 import jax.numpy as jnp
 
 from qwen35_jax.config import ModelConfig
+from qwen35_jax.multimodal import VISION_KEYS, dummy_vision, fuse_vision, prepare_vision
 from qwen35_jax.sharding import constrain
 from qwen35_jax.layers import MIXERS, MoE, RMSNorm, SwiGLU
-from qwen35_jax.layers.common import accum_dtype, dense_init, dtypes
+from qwen35_jax.layers.common import accum_dtype, dense, dense_init, dtypes, param, with_axes
+from qwen35_jax.layers.vision import VisionTower
 from qwen35_jax.precision import quantize_module
 
 REMAT_POLICIES = {
@@ -104,8 +106,8 @@ class MTP(nn.Module):
         dtype, param_dtype = dtypes(cfg)
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, param_dtype, name=name)  # noqa: E731
         x = jnp.concatenate([norm("pre_fc_norm_embedding")(emb_next_BTD), norm("pre_fc_norm_hidden")(h_BTD)], -1)
-        u = nn.Dense(cfg.hidden_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                     kernel_init=dense_init(cfg.initializer_range), name="fc")(x).astype(h_BTD.dtype)
+        u = dense(cfg.hidden_size, (None, "embed"), dtype=dtype, param_dtype=param_dtype, std=cfg.initializer_range,
+                  name="fc")(x).astype(h_BTD.dtype)
         u, (stats, cache) = Block(cfg, "attn", "moe" if cfg.is_moe else "mlp", name="layers_0")(
             u, segment_ids_BT, positions_BT, cache, cache_index)
         return norm("norm")(u), stats, cache
@@ -120,24 +122,32 @@ class Qwen35(nn.Module):
         cfg = self.cfg
         _, param_dtype = dtypes(cfg)
         self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=param_dtype,
-                                     embedding_init=dense_init(cfg.initializer_range))
+                                     embedding_init=with_axes(dense_init(cfg.initializer_range), ("vocab", "embed")))
         kinds = cfg.layer_kinds
         period = layer_period(kinds)
         num_groups = len(kinds) // period
         scanned = nn.scan(Group, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
                           in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=num_groups,
-                          unroll=1 if cfg.scan_layers else num_groups)
+                          unroll=1 if cfg.scan_layers else num_groups,
+                          metadata_params={nn.PARTITION_NAME: "layers"})  # stacked params gain a "layers" axis
         self.layers = scanned(cfg, kinds[:period])
         self.norm = RMSNorm(cfg.rms_norm_eps, param_dtype)
         if not cfg.tie_word_embeddings:
-            self.lm_head = self.param("lm_head", dense_init(cfg.initializer_range),
-                                      (cfg.hidden_size, cfg.vocab_size), param_dtype)
+            self.lm_head = param(self, "lm_head", dense_init(cfg.initializer_range),
+                                 (cfg.hidden_size, cfg.vocab_size), param_dtype, ("embed", "vocab"))
         if cfg.mtp_num_layers:
             self.mtp = MTP(cfg)
+        if cfg.vision is not None:
+            self.visual = VisionTower(cfg.vision, cfg.vision.out_hidden_size or cfg.hidden_size, dtypes(cfg)[0],
+                                      param_dtype, cfg.initializer_range)
 
-    def hidden(self, tokens_BT, segment_ids_BT, positions_BT, cache=None, cache_index=None):
+    def hidden(self, tokens_BT, segment_ids_BT, positions_BT, cache=None, cache_index=None, vision=None):
         dtype, _ = dtypes(self.cfg)
-        h_BTD = constrain(self.embed_tokens(tokens_BT).astype(accum_dtype(dtype)), ("batch", "seq", "embed"))
+        h_BTD = self.embed_tokens(tokens_BT).astype(accum_dtype(dtype))
+        if vision is not None:  # early fusion (qwen35_jax/multimodal.py)
+            embeds = self.visual(*(vision[k] for k in VISION_KEYS))
+            h_BTD = fuse_vision(h_BTD, tokens_BT, embeds, self.cfg.vision)
+        h_BTD = constrain(h_BTD, ("batch", "seq", "embed"))
         h_BTD, (stats, cache) = self.layers(h_BTD, segment_ids_BT, positions_BT, cache, cache_index)
         if stats is not None:  # [groups, moe-per-group, ...] -> [moe layers, ...]
             stats = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), stats)
@@ -159,8 +169,9 @@ class Qwen35(nn.Module):
         u_BTD, stats, cache = self.mtp(emb, h_BTD, segment_ids_BT, positions_BT, cache, cache_index)
         return self.logits(u_BTD), u_BTD, stats, cache
 
-    def __call__(self, tokens_BT, segment_ids_BT, positions_BT, cache=None, cache_index=None, mtp_tokens_BT=None):
-        h_BTD, stats, cache = self.hidden(tokens_BT, segment_ids_BT, positions_BT, cache, cache_index)
+    def __call__(self, tokens_BT, segment_ids_BT, positions_BT, cache=None, cache_index=None, mtp_tokens_BT=None,
+                 vision=None):
+        h_BTD, stats, cache = self.hidden(tokens_BT, segment_ids_BT, positions_BT, cache, cache_index, vision)
         aux = {"hidden": h_BTD, "router": stats}
         if cache is not None:
             aux["cache"] = cache
@@ -174,6 +185,11 @@ class Qwen35(nn.Module):
 def module_for(cfg: ModelConfig, fp8=None) -> Qwen35:
     """The model module; with an FP8 recipe (precision.Fp8Config) its listed matmuls run in FP8 through qwix."""
     return quantize_module(Qwen35(cfg), fp8)
+
+
+@functools.lru_cache(maxsize=64)
+def jitted_apply(cfg: ModelConfig, fp8=None):
+    return jax.jit(module_for(cfg, fp8).apply)
 
 
 def default_inputs(tokens_BT, segment_ids_BT=None, positions_BT=None, start=0):
@@ -202,28 +218,62 @@ def check_tokens(cfg: ModelConfig, tokens_BT) -> None:
                              f"got min {lo}, max {hi}")
 
 
-def init_params(cfg: ModelConfig, rng) -> dict:
-    """Parameters as a plain nested dict of arrays (`param_dtype`)."""
+def _boxed_init(cfg: ModelConfig, rng) -> dict:
     tokens = jnp.zeros((1, 8), jnp.int32)
     seg, pos = default_inputs(tokens)
-    variables = module_for(cfg).init(rng, tokens, seg, pos, mtp_tokens_BT=tokens if cfg.mtp_num_layers else None)
-    return nn.meta.unbox(variables["params"])
+    vision = dummy_vision(cfg.vision) if cfg.vision is not None else None
+    variables = module_for(cfg).init(rng, tokens, seg, pos, mtp_tokens_BT=tokens if cfg.mtp_num_layers else None,
+                                     vision=vision)
+    return variables["params"]
+
+
+def init_params(cfg: ModelConfig, rng) -> dict:
+    """Parameters as a plain nested dict of arrays (`param_dtype`)."""
+    return nn.meta.unbox(_boxed_init(cfg, rng))
+
+
+def abstract_params(cfg: ModelConfig) -> dict:
+    """The parameters as ShapeDtypeStructs inside their Flax `LogicallyPartitioned` boxes (the logical axes each
+    layer declared), nothing allocated: what `sharding.param_shardings` / `logical_axes` read."""
+    return jax.eval_shape(lambda: _boxed_init(cfg, jax.random.key(0)))
+
+
+def param_axes(cfg: ModelConfig) -> dict:
+    """The declared logical axes of every parameter (`sharding.LogicalAxes` leaves, same tree as `init_params`);
+    an undeclared parameter raises `sharding.UndeclaredParameterError`."""
+    from qwen35_jax.sharding import logical_axes
+
+    return logical_axes(abstract_params(cfg))
 
 
 def forward(cfg: ModelConfig, params, tokens, *, segment_ids=None, positions=None, return_aux=False,
-            mtp_tokens=None, fp8=None):
+            mtp_tokens=None, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
+            vision=None, fp8=None):
     """Logits [B, T, V] in fp32 (and, with `return_aux`, {"hidden": [B, T, D], "router": stats or None}).
 
     `segment_ids [B, T]` numbers the documents packed in a row (0 marks padding: it is neither attended to nor fed to
-    the recurrent layers); `positions [B, T]` are RoPE positions (default 0..T-1). With `mtp_tokens [B, T]` (token
-    t+1 at position t, i.e. the targets) and an MTP head, aux also holds "mtp_logits" (predicting token t+2).
+    the recurrent layers); `positions [B, T]` are RoPE positions (default 0..T-1), or [3, B, T] mRoPE rows. With
+    `mtp_tokens [B, T]` (token t+1 at position t, i.e. the targets) and an MTP head, aux also holds "mtp_logits"
+    (predicting token t+2).
+
+    Images and videos (a model with `vision`): `pixel_values [sum t*h*w, C*2*16*16]` and `image_grid_thw [n, 3]`
+    as the Hugging Face processor gives them (likewise `pixel_values_videos`, `video_grid_thw`); their merged
+    tokens replace the image (video) placeholder tokens and mRoPE positions follow `get_rope_index` unless
+    `positions` are given. Grids must be concrete; inside jit pass `vision=` (multimodal.prepare_vision) instead.
     `fp8`: a precision.Fp8Config to run its matmuls in FP8 (training's `precision: fp8`), or None.
     """
     check_tokens(cfg, tokens)
+    apply = module_for(cfg, fp8).apply
+    if pixel_values is not None or pixel_values_videos is not None or image_grid_thw is not None \
+            or video_grid_thw is not None:
+        vision, positions = prepare_vision(cfg, tokens, segment_ids=segment_ids, positions=positions,
+                                           pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+                                           pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw)
+        apply = jitted_apply(cfg, fp8)  # host inputs: compiled once per shape, not run op by op
     seg, pos = default_inputs(tokens, segment_ids, positions)
     mtp = None if mtp_tokens is None else jnp.asarray(mtp_tokens, jnp.int32)
-    logits, aux = module_for(cfg, fp8).apply({"params": params}, jnp.asarray(tokens, jnp.int32), seg, pos,
-                                             mtp_tokens_BT=mtp)
+    logits, aux = apply({"params": params}, jnp.asarray(tokens, jnp.int32), seg, pos, mtp_tokens_BT=mtp,
+                        vision=vision)
     return (logits, aux) if return_aux else logits
 
 
@@ -241,17 +291,19 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
     return {"index": jnp.zeros((), jnp.int32), "layers": layers}
 
 
-def forward_cached(cfg: ModelConfig, params, tokens, cache, *, segment_ids=None, positions=None):
+def forward_cached(cfg: ModelConfig, params, tokens, cache, *, segment_ids=None, positions=None, vision=None):
     """Runs `tokens [B, T]` on top of `cache` (prefill when the cache is empty, decode otherwise).
 
     Returns (logits [B, T, V], hidden [B, T, D], new cache). Positions default to the cache index onwards; pass them
-    for left-padded batches (padding carries segment id 0 and is never attended to).
+    for left-padded batches (padding carries segment id 0 and is never attended to). `vision` (a prompt with
+    images: multimodal.prepare_vision) comes with [3, B, T] mRoPE positions.
     """
     check_tokens(cfg, tokens)
     tokens = jnp.asarray(tokens, jnp.int32)
     index = cache["index"]
     seg, pos = default_inputs(tokens, segment_ids, positions, start=index)
-    logits, aux = module_for(cfg).apply({"params": params}, tokens, seg, pos, cache["layers"], index)
+    logits, aux = module_for(cfg).apply({"params": params}, tokens, seg, pos, cache["layers"], index,
+                                        vision=vision)
     new_cache = {"index": index + tokens.shape[1], "layers": aux["cache"]}
     return logits, aux["hidden"], new_cache
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Literal
 
 import jax.numpy as jnp
 
@@ -41,14 +42,14 @@ class Fp8Config:
     tensor), "per_block" (per-channel plus `block`-wide tiles along the contraction axis).
     """
 
-    attention: bool = True
-    gdn: bool = True
-    mlp: bool = True  # dense SwiGLU layers and the MoE shared expert
-    experts: bool = True  # routed experts (grouped matmuls)
-    mtp: bool = False  # every matmul of the MTP head
-    lm_head: bool = False  # the logits (main and MTP); tied to the embedding in small presets
-    scaling: str = "per_channel"
-    block: int = 128  # contraction tile of "per_block"
+    attention: bool = True  # FP8 q/k/v/o projections of gated attention
+    gdn: bool = True  # FP8 Gated DeltaNet in_proj_qkv, in_proj_z, out_proj (never the a/b gate projections)
+    mlp: bool = True  # FP8 dense SwiGLU layers and the MoE shared expert
+    experts: bool = True  # FP8 routed experts (grouped matmuls, gmm_fp8)
+    mtp: bool = False  # FP8 in every matmul of the MTP head
+    lm_head: bool = False  # FP8 logits (main and MTP heads)
+    scaling: Literal["per_channel", "per_tensor", "per_block"] = "per_channel"  # current (absmax) scaling granularity
+    block: int = 128  # contraction tile of per_block scaling
 
     def validate(self) -> None:
         from qwen35_jax.config import ConfigError

@@ -1,8 +1,10 @@
 """The only place that knows about meshes: mesh construction, logical axis rules, parameter and batch shardings.
 
-Modules name logical axes (`batch`, `seq`, `embed`, `mlp`, `heads`, `vocab`, `expert`); the rules below map them to
-the mesh axes `data`, `fsdp`, `tensor`, `expert` (a `seq` mesh axis can be added later without touching the model).
-Parameter axes are inferred from parameter names and shapes, so the model code stays free of sharding annotations.
+Modules name logical axes (`batch`, `seq`, `embed`, `mlp`, `heads`, `vocab`, `expert`, ...); the rules below map them
+to the mesh axes `data`, `fsdp`, `tensor`, `expert` (adding a mesh axis is one entry in MESH_AXES and the rules).
+Parameters declare their logical axes where they are created (`layers.common.param` / `dense`, carried as Flax
+`LogicallyPartitioned` metadata); `logical_axes` reads them off an abstract init and refuses an undeclared parameter,
+and optimizer state takes its shardings from the parameter tree it mirrors (`state_shardings`).
 A dimension that a mesh axis does not divide is replicated instead (tiny models on many devices still run).
 Computations XLA cannot partition run per device under `shard_map`: Pallas kernels (`shard_kernel`) and the
 expert-parallel MoE dispatch (`shard_experts`: tokens over the batch axes, experts over `expert`).
@@ -20,41 +22,50 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
-# logical axis -> mesh axes (in order); None = replicated
+# logical axis -> mesh axes (in order); None = replicated. Parameters may name only these axes (or None).
 DEFAULT_RULES = {
     "batch": ("data", "fsdp", "expert"),
     "seq": None,
-    "embed": ("fsdp",),
-    "mlp": ("tensor",),
-    "heads": ("tensor",),
+    "embed": ("fsdp",),  # the residual stream width D of a weight
+    "mlp": ("tensor",),  # FFN / expert intermediate width
+    "heads": ("tensor",),  # attention / Gated DeltaNet heads (flattened heads x head width)
+    "kv_heads": ("tensor",),  # key/value heads of GQA attention (flattened)
     "vocab": ("tensor",),
     "expert": ("expert",),
-    "layers": None,
+    "layers": None,  # the stacked (scanned) layer-group axis
+    "norm": None,  # norm scales
+    "conv": None,  # taps of the Gated DeltaNet causal conv
 }
 
 _ACTIVE: list[tuple[Mesh, dict]] = []
 
 
 def make_mesh(shape: dict | None = None, devices=None) -> Mesh:
-    """A mesh over `devices` (default: all) with sizes per axis; one axis may be -1 (the rest)."""
+    """A mesh over `devices` (default: all) with sizes per axis; one axis may be -1 (the rest). Mistakes (an unknown
+    axis, sizes that do not multiply to the device count) are one-line ConfigErrors naming the `mesh` key."""
+    from qwen35_jax.schema import ConfigError, nearest
+
     devices = list(jax.devices() if devices is None else devices)
-    shape = {k: int(v) for k, v in (shape or {}).items()}
-    unknown = [k for k in shape if k not in MESH_AXES]
-    if unknown:
-        raise ValueError(f"mesh axis {unknown[0]!r} is not one of {MESH_AXES}")
+    shape = dict(shape or {})
+    for k, v in shape.items():
+        if k not in MESH_AXES:
+            raise ConfigError(f"mesh axis {k!r} is unknown{nearest(k, MESH_AXES)}; axes: {', '.join(MESH_AXES)}")
+        if isinstance(v, bool) or not isinstance(v, int) or not (v == -1 or v >= 1):
+            raise ConfigError(f"mesh axis {k!r} has size {v!r}; sizes are integers >= 1, or -1 for the rest")
     sizes = {a: shape.get(a, 1) for a in MESH_AXES}
     if "data" not in shape and all(v != -1 for v in sizes.values()):
         sizes["data"] = -1
     rest = [a for a, v in sizes.items() if v == -1]
     if len(rest) > 1:
-        raise ValueError(f"mesh: only one axis may be -1, got {rest}")
+        raise ConfigError(f"mesh {shape}: only one axis may be -1, got {', '.join(rest)}")
     known = math.prod(v for v in sizes.values() if v != -1)
     if rest:
         if len(devices) % known:
-            raise ValueError(f"mesh {shape}: {len(devices)} devices are not divisible by {known}")
+            raise ConfigError(f"mesh {shape}: the other axes multiply to {known}, which does not divide the "
+                              f"{len(devices)} devices")
         sizes[rest[0]] = len(devices) // known
     if math.prod(sizes.values()) != len(devices):
-        raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, have {len(devices)}")
+        raise ConfigError(f"mesh {shape} needs {math.prod(sizes.values())} devices, have {len(devices)}")
     try:
         from jax.experimental import mesh_utils
 
@@ -77,58 +88,107 @@ def spec_for(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh, ru
     return P(*out)
 
 
-def param_logical_axes(path: tuple[str, ...], shape: tuple[int, ...], hidden_size: int) -> tuple:
-    """Logical axes of one parameter, from its name and shape (leading scanned-layer axis included)."""
-    name = path[-1]
-    scanned = path[0] == "layers"
-    core = shape[1:] if scanned else shape
-    if name == "embedding":
-        axes = ("vocab", "embed")
-    elif name == "lm_head":
-        axes = ("embed", "vocab")
-    elif name == "gate_up_proj":
-        axes = ("expert", "embed", "mlp")
-    elif name == "down_proj" and len(core) == 3:
-        axes = ("expert", "mlp", "embed")
-    elif name == "gate" and len(core) == 2:  # router [D, E]: small, replicated over experts
-        axes = ("embed", None)
-    elif len(core) == 2 and name == "kernel":
-        axes = ("embed", "mlp") if core[0] == hidden_size else ("mlp", "embed")
-    elif name == "conv1d":
-        axes = (None, "mlp")
-    else:
-        axes = (None,) * len(core)
-    return (("layers",) if scanned else ()) + axes
+class LogicalAxes(tuple):
+    """The logical axis names of one parameter (a pytree leaf, unlike a plain tuple)."""
 
 
-def param_specs(params_or_shapes, mesh: Mesh, hidden_size: int, rules: dict | None = None):
-    def one(path, leaf):
-        keys = tuple(getattr(k, "key", str(k)) for k in path)
-        return spec_for(param_logical_axes(keys, leaf.shape, hidden_size), leaf.shape, mesh, rules)
-
-    return jax.tree_util.tree_map_with_path(one, params_or_shapes)
+class UndeclaredParameterError(ValueError):
+    """A parameter created without logical axes (declare it with layers.common.param / dense)."""
 
 
-def param_shardings(params_or_shapes, mesh: Mesh, hidden_size: int, rules: dict | None = None):
-    specs = param_specs(params_or_shapes, mesh, hidden_size, rules)
+def check_logical_axes(axes: tuple) -> tuple:
+    """Axes a parameter may declare: DEFAULT_RULES names or None."""
+    for a in axes:
+        if a is not None and a not in DEFAULT_RULES:
+            import difflib
+
+            near = difflib.get_close_matches(str(a), list(DEFAULT_RULES), n=1)
+            raise ValueError(f"unknown logical axis {a!r}{f' (did you mean {near[0]!r}?)' if near else ''}; "
+                             f"known: {', '.join(DEFAULT_RULES)}")
+    return axes
+
+
+def _is_box(x) -> bool:
+    import flax.linen as nn
+
+    return isinstance(x, nn.Partitioned)
+
+
+def _path_text(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def logical_axes(boxed_params):
+    """Tree of LogicalAxes from a boxed parameter tree (`module.init` output, e.g. under jax.eval_shape); a
+    parameter without declared axes raises UndeclaredParameterError naming its path."""
+
+    def one(path, x):
+        if not _is_box(x):
+            raise UndeclaredParameterError(
+                f"parameter {_path_text(path)} {getattr(x, 'shape', '')} has no logical axes: declare it with "
+                f"qwen35_jax.layers.common.param(...) or dense(...)")
+        names = tuple(x.names)
+        if len(names) != len(x.value.shape):
+            raise UndeclaredParameterError(f"parameter {_path_text(path)}: axes {names} for shape {x.value.shape}")
+        return LogicalAxes(check_logical_axes(names))
+
+    return jax.tree_util.tree_map_with_path(one, boxed_params, is_leaf=_is_box)
+
+
+def unboxed(boxed_params):
+    """The values of a boxed parameter tree (arrays or ShapeDtypeStructs)."""
+    return jax.tree.map(lambda x: x.value if _is_box(x) else x, boxed_params, is_leaf=_is_box)
+
+
+def param_specs(boxed_params, mesh: Mesh, rules: dict | None = None):
+    """PartitionSpecs (mesh axes) of a boxed parameter tree, from each parameter's declared logical axes."""
+    axes = logical_axes(boxed_params)
+    shapes = unboxed(boxed_params)
+    return jax.tree.map(lambda a, s: spec_for(a, s.shape, mesh, rules), axes, shapes,
+                        is_leaf=lambda x: isinstance(x, LogicalAxes))
+
+
+def param_shardings(source, mesh: Mesh, rules: dict | None = None):
+    """NamedShardings of the parameters: `source` is a ModelConfig (the model's declared axes) or a boxed parameter
+    tree (a layer's `jax.eval_shape(module.init, ...)["params"]`)."""
+    if not isinstance(source, dict):
+        from qwen35_jax.model import abstract_params  # late import: the model imports this module
+
+        source = abstract_params(source)
+    specs = param_specs(source, mesh, rules)
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
 
-def state_shardings(state_shapes, mesh: Mesh, hidden_size: int, rules: dict | None = None):
-    """Optimizer state mirrors the parameters it belongs to: any subtree shaped like params is sharded like them;
-    scalars (counts, step) are replicated."""
+def state_shardings(state_shapes, params_shardings, mesh: Mesh):
+    """Shardings of a training state (or any pytree holding optimizer state): every subtree with the parameters'
+    structure and shapes (params, Adam moments, ...) is sharded like the parameters, by position in the tree rather
+    than by name; every other leaf (step, counts) is replicated."""
+    treedef = jax.tree.structure(params_shardings)
+    p_leaves = jax.tree.leaves(params_shardings)
 
-    def one(path, leaf):
-        keys = tuple(getattr(k, "key", getattr(k, "name", str(k))) for k in path)
-        # find the parameter path inside the optimizer pytree: it starts at the first model-level key
-        for start in range(len(keys)):
-            if keys[start] in ("embed_tokens", "layers", "norm", "lm_head", "mtp"):
-                sub = tuple(str(k) for k in keys[start:])
-                spec = spec_for(param_logical_axes(sub, leaf.shape, hidden_size), leaf.shape, mesh, rules)
-                return NamedSharding(mesh, spec)
-        return NamedSharding(mesh, P())
+    def mirrors_params(x) -> bool:
+        try:
+            return jax.tree.structure(x) == treedef and treedef.num_leaves > 1
+        except Exception:  # noqa: BLE001 - leaves that are not pytrees
+            return False
 
-    return jax.tree_util.tree_map_with_path(one, state_shapes)
+    def one(x):
+        if not mirrors_params(x):
+            return NamedSharding(mesh, P())
+        leaves = jax.tree.leaves(x)
+        out = [sh if getattr(leaf, "shape", None) is not None and _fits(sh, leaf.shape) else NamedSharding(mesh, P())
+               for leaf, sh in zip(leaves, p_leaves)]
+        return jax.tree.unflatten(treedef, out)
+
+    return jax.tree.map(one, state_shapes, is_leaf=mirrors_params)
+
+
+def _fits(sharding: NamedSharding, shape) -> bool:
+    try:
+        sharding.shard_shape(tuple(shape))
+        return len(sharding.spec) <= len(shape)
+    except Exception:  # noqa: BLE001 - a shape the parameter's sharding does not divide
+        return False
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, rules: dict | None = None, batch_size: int | None = None):

@@ -70,3 +70,87 @@ def hf_logits(model, tokens: np.ndarray, attention_mask: np.ndarray | None = Non
         kwargs["attention_mask"] = torch.tensor(attention_mask)
     out = model(input_ids=torch.tensor(tokens, dtype=torch.long), **kwargs)
     return out.logits.float().numpy()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Vision-language checkpoints (Qwen3_5ForConditionalGeneration / Qwen3_5MoeForConditionalGeneration)
+
+VL_FAMILIES = ("qwen3_5_vl", "qwen3_5_moe_vl")
+# Tiny tower at the release's patch geometry (patch 16, 2 frames, 2 x 2 merge); a 4 x 4 learned grid so that
+# images both smaller and larger than it exercise the bilinear resampling.
+VISION = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, in_channels=3, patch_size=16,
+              temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=COMMON["hidden_size"],
+              num_position_embeddings=16)
+VL_TOKENS = dict(vision_start_token_id=93, vision_end_token_id=94, image_token_id=95, video_token_id=96)
+MROPE = {**COMMON["rope_parameters"], "mrope_section": [2, 1, 1], "mrope_interleaved": True}
+
+
+def hf_vl_config(family: str):
+    from transformers import Qwen3_5Config, Qwen3_5MoeConfig
+
+    text = {**COMMON, "rope_parameters": MROPE}
+    if family == "qwen3_5_vl":
+        cfg = Qwen3_5Config(text_config={**text, "intermediate_size": 48}, vision_config=VISION, **VL_TOKENS,
+                            tie_word_embeddings=False)
+    elif family == "qwen3_5_moe_vl":
+        cfg = Qwen3_5MoeConfig(text_config={**text, **MOE}, vision_config=VISION, **VL_TOKENS,
+                               tie_word_embeddings=False)
+    else:
+        raise ValueError(family)
+    cfg._attn_implementation = "eager"
+    for sub in (cfg.text_config, cfg.vision_config):
+        sub._attn_implementation = "eager"
+    return cfg
+
+
+def hf_vl_model(family: str, seed: int = 0):
+    from transformers import Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cls = Qwen3_5ForConditionalGeneration if family == "qwen3_5_vl" else Qwen3_5MoeForConditionalGeneration
+    model = cls(hf_vl_config(family)).eval()
+    randomize_(model, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # LayerNorm scales around 1 (randomize_ centres every norm weight at 0)
+        for name, p in model.named_parameters():
+            if name.startswith("model.visual.") and "norm" in name and name.endswith(".weight"):
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def mm_token_type_ids(tokens: np.ndarray) -> np.ndarray:
+    """What the processor returns beside input_ids: 1 on image placeholders, 2 on video placeholders."""
+    return np.where(tokens == VL_TOKENS["image_token_id"], 1, np.where(tokens == VL_TOKENS["video_token_id"], 2, 0))
+
+
+def vl_prompt(rng, images, videos=(), text=(3, 5, 2, 4), merge: int = 2, vocab: int = 90):
+    """Token ids: text runs around `<vs> <image>*n <ve>` blocks (one per image grid) and, per video, per temporal
+    patch a timestamp token then `<vs> <video>*n <ve>`; returns tokens [T]."""
+    seq, runs = [], iter(text)
+
+    def txt():
+        seq.extend(rng.integers(0, vocab, next(runs, 3)).tolist())
+
+    txt()
+    for t, h, w in images:
+        seq += [VL_TOKENS["vision_start_token_id"]] + [VL_TOKENS["image_token_id"]] * (t * h * w // merge ** 2) \
+            + [VL_TOKENS["vision_end_token_id"]]
+        txt()
+    for t, h, w in videos:
+        for _ in range(t):
+            seq.append(int(rng.integers(0, vocab)))  # the frame's timestamp
+            seq += [VL_TOKENS["vision_start_token_id"]] + [VL_TOKENS["video_token_id"]] * (h * w // merge ** 2) \
+                + [VL_TOKENS["vision_end_token_id"]]
+        txt()
+    return np.asarray(seq, np.int64)
+
+
+@torch.no_grad()
+def hf_vl_logits(model, tokens, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
+                 video_grid_thw=None) -> np.ndarray:
+    kw = {"mm_token_type_ids": torch.tensor(mm_token_type_ids(tokens))}
+    for k, v in (("pixel_values", pixel_values), ("image_grid_thw", image_grid_thw),
+                 ("pixel_values_videos", pixel_values_videos), ("video_grid_thw", video_grid_thw)):
+        if v is not None:
+            kw[k] = torch.tensor(np.asarray(v))
+    return model(input_ids=torch.tensor(tokens, dtype=torch.long), **kw).logits.float().numpy()

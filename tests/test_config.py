@@ -52,7 +52,7 @@ def test_overrides_and_patterns():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"hiden_size": 4}, r"unknown model key 'hiden_size' \(did you mean 'hidden_size'\?\)"),
+    ({"hiden_size": 4}, r"unknown key 'hiden_size' \(did you mean 'hidden_size'\?\)"),
     ({"gdn_num_value_heads": 3}, r"gdn_num_value_heads=3 is not a multiple of gdn_num_key_heads=2"),
     ({"num_heads": 3}, r"num_heads=3 is not a multiple of num_kv_heads=2"),
     ({"experts_per_token": 17}, r"experts_per_token=17 must be in \[1, num_experts=16\]"),
@@ -60,7 +60,22 @@ def test_overrides_and_patterns():
     ({"layer_pattern": ["gdn", "mamba"]}, r"unknown mixer 'mamba'"),
     ({"layer_pattern": "GXGA"}, r"unknown mixer letter 'X'"),
     ({"layer_pattern": "GGA"}, r"does not divide num_layers=4"),
-    ({"hidden_size": "big"}, r"key 'hidden_size' must be a number"),
+    ({"hidden_size": "big"}, r"key 'hidden_size' must be an integer, got 'big'"),
+    ({"rope_theta": "fast"}, r"key 'rope_theta' must be a number, got 'fast'"),
+    ({"gdn_chunk_size": 48}, r"gdn_chunk_size=48 is not a power of two"),
+    ({"gdn_impl": "palas"}, r"key 'gdn_impl' must be one of auto, xla, pallas, recurrent, got 'palas' "
+                            r"\(did you mean 'pallas'\?\)"),
+    ({"moe_impl": "triton"}, r"key 'moe_impl' must be one of auto, xla, pallas, reference, got 'triton'"),
+    ({"remat": "some"}, r"key 'remat' must be one of none, full, dots, dots_no_batch"),
+    ({"num_heads": 0}, r"num_heads must be positive, got 0"),
+    ({"num_kv_heads": 0}, r"num_kv_heads must be positive, got 0"),
+    ({"head_dim": 0}, r"head_dim must be positive, got 0"),
+    ({"gdn_num_key_heads": 0}, r"gdn_num_key_heads must be positive, got 0"),
+    ({"gdn_num_value_heads": 0}, r"gdn_num_value_heads must be positive, got 0"),
+    ({"gdn_key_dim": 0}, r"gdn_key_dim must be positive, got 0"),
+    ({"gdn_value_dim": 0}, r"gdn_value_dim must be positive, got 0"),
+    ({"mlp_only_layers": "all"}, r"key 'mlp_only_layers' must be a list, got 'all'"),
+    ({"bos_token_id": "x"}, r"key 'bos_token_id' must be an integer or null, got 'x'"),
     ({"tie_word_embeddings": "yes"}, r"must be true/false"),
 ])
 def test_validation_errors_are_one_line(overrides, message):

@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent('''
     params = init_params(ref_cfg, jax.random.key(0))
     want, want_g = jax.jit(loss_fn(ref_cfg))(params, tokens, seg)
     mesh = make_mesh({"data": 2, "tensor": 2})
-    p_sh = jax.device_put(params, param_shardings(params, mesh, 32))
+    p_sh = jax.device_put(params, param_shardings(ref_cfg, mesh))
     t_sh = jax.device_put(tokens, batch_sharding(mesh, 2, batch_size=4))
     s_sh = jax.device_put(seg, batch_sharding(mesh, 2, batch_size=4))
     with use_mesh(mesh):

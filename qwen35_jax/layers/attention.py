@@ -9,8 +9,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qwen35_jax.layers.common import accum_dtype, dense_init, dtypes, same_segment_BTT
+from qwen35_jax.layers.common import accum_dtype, dense, dtypes, same_segment_BTT
 from qwen35_jax.layers.norms import RMSNorm
+from qwen35_jax.layers.mrope import mrope_cos_sin
 from qwen35_jax.layers.rope import apply_rope, rope_cos_sin
 
 NEG_INF = -1e30
@@ -71,15 +72,18 @@ class GatedAttention(nn.Module):
         dtype, param_dtype = dtypes(cfg)
         B, T, _ = x_BTD.shape
         H, G, K, W = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, gate_width(cfg)
-        dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=dtype, param_dtype=param_dtype,  # noqa: E731
-                                         kernel_init=dense_init(cfg.initializer_range), name=name)
-        qg_BTHX = dense(H * (K + W), "q_proj")(x_BTD).reshape(B, T, H, K + W)
+        proj = lambda n, axes, name: dense(n, axes, dtype=dtype, param_dtype=param_dtype,  # noqa: E731
+                                           std=cfg.initializer_range, name=name)
+        qg_BTHX = proj(H * (K + W), ("embed", "heads"), "q_proj")(x_BTD).reshape(B, T, H, K + W)
         q_BTHK, gate = qg_BTHX[..., :K], qg_BTHX[..., K:]
-        k_BTGK = dense(G * K, "k_proj")(x_BTD).reshape(B, T, G, K)
-        v_BTGK = dense(G * K, "v_proj")(x_BTD).reshape(B, T, G, K)
+        k_BTGK = proj(G * K, ("embed", "kv_heads"), "k_proj")(x_BTD).reshape(B, T, G, K)
+        v_BTGK = proj(G * K, ("embed", "kv_heads"), "v_proj")(x_BTD).reshape(B, T, G, K)
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, param_dtype, name=name)  # noqa: E731
         q_BTHK, k_BTGK = norm("q_norm")(q_BTHK), norm("k_norm")(k_BTGK)
-        cos, sin = rope_cos_sin(positions_BT, cfg.rotary_dim, cfg.rope_theta, dtype)
+        if positions_BT.ndim == 3:  # [3, B, T] mRoPE rows (vision inputs)
+            cos, sin = mrope_cos_sin(positions_BT, cfg.rotary_dim, cfg.rope_theta, cfg.mrope_section, dtype)
+        else:
+            cos, sin = rope_cos_sin(positions_BT, cfg.rotary_dim, cfg.rope_theta, dtype)
         q_BTHK, k_BTGK = apply_rope(q_BTHK, cos, sin), apply_rope(k_BTGK, cos, sin)
         if cache is None:
             mask = attention_mask_BTS(segment_ids_BT, positions_BT, cfg.sliding_window)
@@ -90,7 +94,7 @@ class GatedAttention(nn.Module):
         out_BTHK, probs = out if return_probs else (out, None)
         if W:
             out_BTHK = out_BTHK * jax.nn.sigmoid(gate)
-        y = dense(cfg.hidden_size, "o_proj")(out_BTHK.reshape(B, T, H * K).astype(dtype))
+        y = proj(cfg.hidden_size, ("heads", "embed"), "o_proj")(out_BTHK.reshape(B, T, H * K).astype(dtype))
         if return_probs:
             self.sow("intermediates", "attn_probs", probs)
         return y if cache is None else (y, cache)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.gated_delta_rule import chunk_gated_delta_rule, default_impl
-from qwen35_jax.layers.common import accum_dtype, dense_init, dtypes
+from qwen35_jax.layers.common import accum_dtype, dense, dtypes, param
 from qwen35_jax.layers.norms import GatedRMSNorm
 from qwen35_jax.sharding import shard_kernel
 
@@ -92,14 +92,15 @@ class GatedDeltaNet(nn.Module):
         dtype, param_dtype = dtypes(cfg)
         B, T, _ = x_BTD.shape
         Hk, Hv, dk, dv = cfg.gdn_num_key_heads, cfg.gdn_num_value_heads, cfg.gdn_key_dim, cfg.gdn_value_dim
-        dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=dtype, param_dtype=param_dtype,  # noqa: E731
-                                         kernel_init=dense_init(cfg.initializer_range), name=name)
+        proj = lambda n, axes, name: dense(n, axes, dtype=dtype, param_dtype=param_dtype,  # noqa: E731
+                                           std=cfg.initializer_range, name=name)
         x_BTD = jnp.where((segment_ids_BT != 0)[..., None], x_BTD, 0).astype(dtype)
-        qkv_BTC = dense(cfg.gdn_conv_dim, "in_proj_qkv")(x_BTD)
-        z_BTHV = dense(Hv * dv, "in_proj_z")(x_BTD).reshape(B, T, Hv, dv)
-        b_BTH = dense(Hv, "in_proj_b")(x_BTD)
-        a_BTH = dense(Hv, "in_proj_a")(x_BTD)
-        kernel_KC = self.param("conv1d", conv_init, (cfg.gdn_conv_kernel, cfg.gdn_conv_dim), param_dtype)
+        qkv_BTC = proj(cfg.gdn_conv_dim, ("embed", "heads"), "in_proj_qkv")(x_BTD)
+        z_BTHV = proj(Hv * dv, ("embed", "heads"), "in_proj_z")(x_BTD).reshape(B, T, Hv, dv)
+        b_BTH = proj(Hv, ("embed", "heads"), "in_proj_b")(x_BTD)
+        a_BTH = proj(Hv, ("embed", "heads"), "in_proj_a")(x_BTD)
+        kernel_KC = param(self, "conv1d", conv_init, (cfg.gdn_conv_kernel, cfg.gdn_conv_dim), param_dtype,
+                          ("conv", "heads"))
         f32 = accum_dtype(dtype)  # the conv sums K taps: accumulate in fp32 and round once, as a fused conv does
         if cache is None:
             conv_BTC = causal_depthwise_conv(qkv_BTC.astype(f32), kernel_KC.astype(f32), segment_ids_BT)
@@ -112,8 +113,8 @@ class GatedDeltaNet(nn.Module):
         q_BTHK = qkv_BTC[..., : Hk * dk].reshape(B, T, Hk, dk)
         k_BTHK = qkv_BTC[..., Hk * dk: 2 * Hk * dk].reshape(B, T, Hk, dk)
         v_BTHV = qkv_BTC[..., 2 * Hk * dk:].reshape(B, T, Hv, dv)
-        dt_bias = self.param("dt_bias", dt_bias_init, (Hv,), param_dtype)
-        A_log = self.param("A_log", a_log_init, (Hv,), param_dtype)
+        dt_bias = param(self, "dt_bias", dt_bias_init, (Hv,), param_dtype, ("heads",))
+        A_log = param(self, "A_log", a_log_init, (Hv,), param_dtype, ("heads",))
         beta_BTH = jax.nn.sigmoid(b_BTH)
         g_BTH = -jnp.exp(A_log.astype(f32)) * jax.nn.softplus(a_BTH.astype(f32) + dt_bias.astype(f32))
         if cache is None:
@@ -127,7 +128,7 @@ class GatedDeltaNet(nn.Module):
                 use_qk_l2norm=True, chunk_size=cfg.gdn_chunk_size, impl=impl)
             cache = {"conv": new_conv, "state": state}
         y_BTHV = GatedRMSNorm(cfg.rms_norm_eps, param_dtype, name="norm")(o_BTHV.astype(dtype), z_BTHV)
-        y = dense(cfg.hidden_size, "out_proj")(y_BTHV.reshape(B, T, Hv * dv))
+        y = proj(cfg.hidden_size, ("heads", "embed"), "out_proj")(y_BTHV.reshape(B, T, Hv * dv))
         return y if cache is None else (y, cache)
 
     @staticmethod

@@ -4,7 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qwen35_jax.layers.common import dense_init
+from qwen35_jax.layers.common import dense
 
 
 class SwiGLU(nn.Module):
@@ -16,11 +16,11 @@ class SwiGLU(nn.Module):
 
     @nn.compact
     def __call__(self, x_BTD):
-        dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,  # noqa
-                                         kernel_init=dense_init(self.init_std), name=name)
-        h = jax.nn.silu(dense(self.intermediate_size, "gate_proj")(x_BTD)) * dense(self.intermediate_size,
-                                                                                   "up_proj")(x_BTD)
-        return dense(self.hidden_size, "down_proj")(h)
+        proj = lambda n, axes, name: dense(n, axes, dtype=self.dtype, param_dtype=self.param_dtype,  # noqa: E731
+                                           std=self.init_std, name=name)
+        F = self.intermediate_size
+        h = jax.nn.silu(proj(F, ("embed", "mlp"), "gate_proj")(x_BTD)) * proj(F, ("embed", "mlp"), "up_proj")(x_BTD)
+        return proj(self.hidden_size, ("mlp", "embed"), "down_proj")(h)
 
     @staticmethod
     def num_params(hidden_size: int, intermediate_size: int) -> int:

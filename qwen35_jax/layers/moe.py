@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.gmm import gmm, gmm_fp8, resolve_impl
-from qwen35_jax.layers.common import accum_dtype, dense_init, dtypes
+from qwen35_jax.layers.common import accum_dtype, dense_init, dtypes, param
 from qwen35_jax.layers.mlp import SwiGLU
 from qwen35_jax.layers.moe_ep import ep_dispatch_combine
 from qwen35_jax.sharding import expert_parallel_size, shard_experts, shard_kernel
@@ -117,16 +117,17 @@ class MoE(nn.Module):
         E, F = cfg.num_experts, cfg.moe_intermediate_size
         init = dense_init(cfg.initializer_range)
         x_ND = x_BTD.reshape(B * T, D).astype(dtype)
-        w_router_DE = self.param("gate", init, (D, E), param_dtype)
+        w_router_DE = param(self, "gate", init, (D, E), param_dtype, ("embed", None))  # small: replicated
         logits_NE = jnp.dot(x_ND, w_router_DE.astype(dtype), preferred_element_type=accum_dtype(dtype))
         probs_NE, weights_NK, experts_NK = route(logits_NE, cfg.experts_per_token, cfg.norm_topk_prob)
         stats = router_stats(logits_NE, probs_NE, experts_NK, token_mask_BT.reshape(-1))
-        w_gate_up = self.param("gate_up_proj", init, (E, D, 2 * F), param_dtype).astype(dtype)
-        w_down = self.param("down_proj", init, (E, F, D), param_dtype).astype(dtype)
+        w_gate_up = param(self, "gate_up_proj", init, (E, D, 2 * F), param_dtype, ("expert", "embed", "mlp"))
+        w_down = param(self, "down_proj", init, (E, F, D), param_dtype, ("expert", "mlp", "embed"))
+        w_gate_up, w_down = w_gate_up.astype(dtype), w_down.astype(dtype)
         fp8 = gmm_fp8_args()
         if expert_parallel_size(E) > 1:
-            y_ND = shard_experts(expert_parallel_dispatch(cfg, fp8), x_ND, weights_NK.astype(dtype), experts_NK, w_gate_up,
-                                 w_down)
+            y_ND = shard_experts(expert_parallel_dispatch(cfg, fp8), x_ND, weights_NK.astype(dtype), experts_NK,
+                                 w_gate_up, w_down)
         else:
             def local(x, w, e, wgu, wd):
                 return dispatch_combine(x, w, e, wgu, wd, impl=cfg.moe_impl, capacity_factor=cfg.capacity_factor,
@@ -143,6 +144,6 @@ class MoE(nn.Module):
         if cfg.shared_expert_intermediate_size:
             shared = SwiGLU(D, cfg.shared_expert_intermediate_size, dtype, param_dtype, cfg.initializer_range,
                             name="shared_expert")(x_ND)
-            w_sg = self.param("shared_expert_gate", init, (D, 1), param_dtype)
+            w_sg = param(self, "shared_expert_gate", init, (D, 1), param_dtype, ("embed", None))
             y_ND = y_ND + jax.nn.sigmoid(jnp.dot(x_ND, w_sg.astype(dtype))) * shared
         return y_ND.reshape(B, T, D), stats

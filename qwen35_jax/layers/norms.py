@@ -4,6 +4,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qwen35_jax.layers.common import param
+
 
 def rms_normalize(x, eps: float):
     """x * rsqrt(mean(x^2) + eps) in float32."""
@@ -19,7 +21,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        w = self.param("scale", nn.initializers.zeros, (x.shape[-1],), self.param_dtype)
+        w = param(self, "scale", nn.initializers.zeros, (x.shape[-1],), self.param_dtype, ("norm",))
         return (rms_normalize(x, self.eps) * (1.0 + w.astype(jnp.promote_types(x.dtype, jnp.float32)))).astype(x.dtype)
 
 
@@ -31,6 +33,6 @@ class GatedRMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x, z):
-        w = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        w = param(self, "scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype, ("norm",))
         y = w.astype(x.dtype) * rms_normalize(x, self.eps).astype(x.dtype)
         return (y * jax.nn.silu(z.astype(jnp.promote_types(z.dtype, jnp.float32)))).astype(x.dtype)

@@ -8,6 +8,7 @@ per-device memory and its cost-model estimate (an estimate, labelled as such).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -19,11 +20,8 @@ import numpy as np
 
 from pallas_kernels import compile_for
 from qwen35_jax.errors import UserError
-from qwen35_jax.model import init_params
-from qwen35_jax.sharding import batch_sharding, make_mesh, param_shardings, replicated, state_shardings, use_mesh
 from qwen35_jax.train.config import load_train_config
-from qwen35_jax.train.optimizer import make_optimizer
-from qwen35_jax.train.step import BATCH_KEYS, init_state, make_train_step
+from qwen35_jax.train.run import build_run
 
 HBM_GIB = {"v4": 32, "v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32, "v7x": 192,
            "tpu7x": 96}  # tpu7x: libtpu's v7x name; one device per TensorCore, 2 a chip (192 GiB)
@@ -71,24 +69,21 @@ def per_device_bytes(shapes, shardings) -> int:
     return total
 
 
+def lower_train_step(tcfg, devices, target: str | None = "tpu"):
+    """(run, lowered): the run builder's train step, the very function `qwen35 train` calls, lowered on abstract
+    sharded inputs. `target="tpu"` traces kernels as on TPU (Pallas, compiled Mosaic); None: as on this backend."""
+    run = build_run(tcfg, devices)
+    ctx = compile_for(target) if target else contextlib.nullcontext()
+    with ctx:
+        return run, run.lower_train_step()
+
+
 def compile_train_step(tcfg, devices):
-    model_cfg = tcfg.model_config()
-    mesh = make_mesh(tcfg.mesh, devices)
-    shapes = jax.eval_shape(lambda: init_params(model_cfg, jax.random.key(0)))
-    tx, lr = make_optimizer(tcfg.optimizer, tcfg.steps, shapes)
-    state_shapes = jax.eval_shape(lambda p: init_state(p, tx), shapes)
-    s_shard = state_shardings(state_shapes, mesh, model_cfg.hidden_size)
-    b_shard = batch_sharding(mesh, 2, batch_size=tcfg.batch_size)
-    batch = {k: jax.ShapeDtypeStruct((tcfg.batch_size, tcfg.seq_len), np.float32 if k == "loss_mask" else np.int32,
-                                     sharding=b_shard) for k in BATCH_KEYS}
-    state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shapes, s_shard)
-    step = make_train_step(model_cfg, tcfg, tx, lr)
     t0 = time.perf_counter()
-    with use_mesh(mesh), compile_for("tpu"):  # kernels traced as on TPU: Pallas, compiled Mosaic (not interpreted)
-        lowered = jax.jit(step, out_shardings=(s_shard, replicated(mesh)), donate_argnums=0).lower(state, batch)
-    p_shard = param_shardings(shapes, mesh, model_cfg.hidden_size)
-    params_b = per_device_bytes(shapes, p_shard)
-    opt_b = per_device_bytes(state_shapes["opt_state"], s_shard["opt_state"])
+    run, lowered = lower_train_step(tcfg, devices)
+    model_cfg, mesh = run.model_cfg, run.mesh
+    params_b = per_device_bytes(run.param_shapes, run.param_shardings)
+    opt_b = per_device_bytes(run.state_shapes["opt_state"], run.state_shardings["opt_state"])
     try:
         compiled = lowered.compile()
     except Exception as e:  # XLA:TPU refuses programs that cannot fit: report it as a (non-)fit, not a crash

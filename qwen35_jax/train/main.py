@@ -7,7 +7,6 @@ telemetry, evaluation and the closing text sample.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import signal
 import time
@@ -15,17 +14,14 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import yaml
 
 from qwen35_jax.errors import UserError
-from qwen35_jax.model import init_params
-from qwen35_jax.sharding import batch_sharding, make_mesh, param_shardings, replicated, state_shardings, use_mesh
+from qwen35_jax.schema import to_dict
 from qwen35_jax.train import data as train_data
 from qwen35_jax.train.checkpoint import Checkpointer, abstract_like, write_json
 from qwen35_jax.train.config import TrainConfig, load_train_config
 from qwen35_jax.train.metrics import Telemetry, peak_tflops_per_device
-from qwen35_jax.train.optimizer import make_optimizer
-from qwen35_jax.train.step import BATCH_KEYS, init_state, make_eval_step, make_train_step
+from qwen35_jax.train.run import build_run, run_config
 
 
 def add_distributed_args(parser):
@@ -68,9 +64,9 @@ class StopFlag:
 
 
 def _config_record(tcfg: TrainConfig) -> dict:
-    d = dataclasses.asdict(tcfg)
-    d["model"] = dataclasses.asdict(tcfg.model_config())
-    return json.loads(json.dumps(d, default=list))
+    d = to_dict(tcfg)
+    d["model"] = to_dict(tcfg.model_config())
+    return json.loads(json.dumps(d))
 
 
 def _check_same_run(run_dir: Path, record: dict) -> None:
@@ -96,38 +92,27 @@ def train(tcfg: TrainConfig) -> dict:
         raise UserError(f"tokenizer has {tokenizer.vocab_size} tokens but model {model_cfg.name!r} has vocab_size="
                         f"{model_cfg.vocab_size}; set model.vocab_size={tokenizer.vocab_size}")
 
-    mesh = make_mesh(tcfg.mesh)
-    shapes = jax.eval_shape(lambda: init_params(model_cfg, jax.random.key(tcfg.seed)))
-    p_shard = param_shardings(shapes, mesh, model_cfg.hidden_size)
-    tx, lr_schedule = make_optimizer(tcfg.optimizer, tcfg.steps, shapes)
-    state_shapes = jax.eval_shape(lambda p: init_state(p, tx), shapes)
-    s_shard = state_shardings(state_shapes, mesh, model_cfg.hidden_size)
-    b_shard = batch_sharding(mesh, 2, batch_size=tcfg.batch_size)
+    run = build_run(tcfg)
+    mesh, shapes, p_shard, b_shard = run.mesh, run.param_shapes, run.param_shardings, run.batch_sharding
 
     ckpt = Checkpointer(run_dir / "checkpoints", keep=tcfg.keep_checkpoints)
     telemetry_warn = print if is_main else (lambda *_: None)
     if ckpt.steps():
         _check_same_run(run_dir, record)
-    restored = ckpt.restore_latest(abstract_like(state_shapes, s_shard), warn=telemetry_warn)
+    restored = ckpt.restore_latest(abstract_like(run.state_shapes, run.state_shardings), warn=telemetry_warn)
     if restored is not None:
         start_step, state, data_state, _ = restored
         telemetry_warn(f"resuming {run_dir} from step {start_step}")
     else:
         start_step, data_state = 0, None
-        with use_mesh(mesh):
-            init_fn = jax.jit(lambda key: init_state(init_params(model_cfg, key), tx), out_shardings=s_shard)
-            state = init_fn(jax.random.key(tcfg.seed))
+        state = run.init_state()
         if tcfg.init_from:
             state = dict(state, params=train_data.load_init_params(tcfg.init_from, model_cfg, shapes, p_shard))
     if is_main:
         write_json(run_dir / "config.json", record)
 
     train_iter = train_data.train_iterator(tcfg, tokenizer, data_state)
-    train_step = make_train_step(model_cfg, tcfg, tx, lr_schedule)
-    with use_mesh(mesh):
-        step_fn = jax.jit(train_step, in_shardings=(s_shard, {k: b_shard for k in BATCH_KEYS}),
-                          out_shardings=(s_shard, replicated(mesh)), donate_argnums=0)
-        eval_fn = jax.jit(make_eval_step(model_cfg), in_shardings=(p_shard, {k: b_shard for k in BATCH_KEYS}))
+    step_fn, eval_fn = run.train_step, run.eval_step
 
     tokens_per_step = tcfg.batch_size * tcfg.seq_len
     flops_per_token = model_cfg.flops_per_token(tcfg.seq_len)
@@ -144,8 +129,7 @@ def train(tcfg: TrainConfig) -> dict:
         while step < tcfg.steps:
             batch = train_data.to_global(next(train_iter), b_shard)
             t0 = time.perf_counter()
-            with use_mesh(mesh):
-                state, out = step_fn(state, batch)
+            state, out = step_fn(state, batch)
             finite = bool(out["finite"])  # one scalar per step: non-finite steps are never trained through
             if compile_s is None:
                 compile_s = time.perf_counter() - t0
@@ -172,7 +156,7 @@ def train(tcfg: TrainConfig) -> dict:
                                         "mfu": f"{100 * tps * flops_per_token / peak:.1f}%"})
                 summary.update(loss=float(out["loss"]), tokens_per_s=tps)
             if step % tcfg.eval_every == 0 or step == tcfg.steps:
-                val = evaluate(tcfg, tokenizer, eval_fn, state["params"], b_shard, mesh)
+                val = evaluate(tcfg, tokenizer, eval_fn, state["params"], b_shard)
                 tel.log(step, {"val_loss": val, "val_ppl": float(np.exp(val))})
                 tel.write(f"step {step}: validation loss {val:.4f} (perplexity {np.exp(val):.2f})")
                 summary.update(val_loss=val)
@@ -203,17 +187,21 @@ def train(tcfg: TrainConfig) -> dict:
     return summary
 
 
-def evaluate(tcfg, tokenizer, eval_fn, params, b_shard, mesh) -> float:
+def evaluate(tcfg, tokenizer, eval_fn, params, b_shard) -> float:
     total, count = 0.0, 0.0
     for batch in train_data.eval_batches(tcfg, tokenizer):
-        with use_mesh(mesh):
-            s, n = eval_fn(params, train_data.to_global(batch, b_shard))
+        s, n = eval_fn(params, train_data.to_global(batch, b_shard))
         total, count = total + float(s), count + float(n)
     return total / max(count, 1.0)
 
 
 def train_main(argv) -> int:
-    parser = argparse.ArgumentParser(prog="qwen35 train", description="Train a Qwen3.5-style model.")
+    from qwen35_jax.cli import config_keys
+
+    parser = argparse.ArgumentParser(
+        prog="qwen35 train", description="Train a Qwen3.5-style model.", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (defaults of the embedded config; `qwen35 config train CONFIG` shows a recipe's values):\n"
+               + config_keys("train"))
     parser.add_argument("config", nargs="?", help="YAML under configs/train/ (name) or a path; none: embedded default")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nesting (optimizer.lr=1e-3)")
     add_distributed_args(parser)
@@ -235,30 +223,16 @@ def eval_main(argv) -> int:
     parser.add_argument("overrides", nargs="*", help="e.g. eval_data='{kind: text, path: notes/}' eval_batches=16")
     args = parser.parse_intermixed_args(argv)
     run_dir = Path(args.run_dir)
-    cfg_file = run_dir / "config.json"
-    if not cfg_file.exists():
-        raise UserError(f"{run_dir}: no config.json (not a qwen35 run directory)")
-    record = json.loads(cfg_file.read_text())
-    tmp = run_dir / "eval_config.yaml"
-    tmp.write_text(yaml.safe_dump({k: v for k, v in record.items()}))
-    tcfg = load_train_config(str(tmp), args.overrides)
-    model_cfg = tcfg.model_config()
+    tcfg = run_config(run_dir, args.overrides)  # config.json, read in place (nothing is written to the run)
     tokenizer = train_data.tokenizer_for(tcfg)
-    mesh = make_mesh(tcfg.mesh)
-    shapes = jax.eval_shape(lambda: init_params(model_cfg, jax.random.key(0)))
-    p_shard = param_shardings(shapes, mesh, model_cfg.hidden_size)
-    tx, _ = make_optimizer(tcfg.optimizer, tcfg.steps, shapes)
-    state_shapes = jax.eval_shape(lambda p: init_state(p, tx), shapes)
+    run = build_run(tcfg)
     ckpt = Checkpointer(run_dir / "checkpoints", keep=tcfg.keep_checkpoints)
-    restored = ckpt.restore_latest(abstract_like(state_shapes, state_shardings(state_shapes, mesh,
-                                                                                model_cfg.hidden_size)))
+    restored = ckpt.restore_latest(abstract_like(run.state_shapes, run.state_shardings))
     ckpt.close()
     if restored is None:
         raise UserError(f"{run_dir}: no checkpoints to evaluate")
     step, state, _, _ = restored
-    b_shard = batch_sharding(mesh, 2, batch_size=tcfg.batch_size)
-    eval_fn = jax.jit(make_eval_step(model_cfg), in_shardings=(p_shard, {k: b_shard for k in BATCH_KEYS}))
-    val = evaluate(tcfg, tokenizer, eval_fn, state["params"], b_shard, mesh)
+    val = evaluate(tcfg, tokenizer, run.eval_step, state["params"], run.batch_sharding)
     result = {"step": step, "val_loss": val, "val_ppl": float(np.exp(val))}
     print(json.dumps(result))
     return 0

@@ -27,7 +27,9 @@ def max_rel_err(ours, ref):
 
 def random_params(module, x, mask, seed=0, scale=0.3):
     rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(module.init, jax.random.key(0), x, token_mask_BT=mask)["params"]
+    from qwen35_jax.sharding import unboxed
+
+    shapes = unboxed(jax.eval_shape(module.init, jax.random.key(0), x, token_mask_BT=mask)["params"])
     return jax.tree.map(lambda s: jnp.asarray(scale * rng.normal(size=s.shape), s.dtype), shapes)
 
 
@@ -138,6 +140,7 @@ def ep_report(meshes, capacity_mesh) -> dict:
     cot = jnp.asarray(rng.normal(size=(B, T, D)), jnp.float32)
     mod = MoE(cfg)
     params = random_params(mod, x, mask)
+    declared = jax.eval_shape(mod.init, jax.random.key(0), x, token_mask_BT=mask)["params"]  # logical axes
 
     def loss(p, x):  # the stats enter the loss so that the router's gradient through them is checked too
         y, st = mod.apply({"params": p}, x, token_mask_BT=mask)
@@ -149,7 +152,7 @@ def ep_report(meshes, capacity_mesh) -> dict:
     for shape in meshes:
         mesh = make_mesh(shape)
         with use_mesh(mesh):
-            ps = jax.device_put(params, param_shardings(params, mesh, D))
+            ps = jax.device_put(params, param_shardings(declared, mesh))
             xs = jax.device_put(x, batch_sharding(mesh, 3, batch_size=B))
             fn = jax.jit(step)
             hlo = fn.lower(ps, xs).as_text()
@@ -171,7 +174,7 @@ def ep_report(meshes, capacity_mesh) -> dict:
     per_shard = jax.jit(lambda p, x: jax.lax.map(lambda xs: apply(p, xs), x.reshape(shards, B // shards, T, D)))
     oracle = np.asarray(per_shard(params, x)).reshape(B, T, D)
     with use_mesh(mesh):
-        ps = jax.device_put(params, param_shardings(params, mesh, D))
+        ps = jax.device_put(params, param_shardings(declared, mesh))
         y = jax.jit(apply)(ps, jax.device_put(x, batch_sharding(mesh, 3, batch_size=B)))
     dropless = np.asarray(mod.apply({"params": params}, x, token_mask_BT=mask)[0])
     report["capacity"] = {"shards": shards, "y": max_rel_err(y, oracle), "dropped": max_rel_err(oracle, dropless)}
@@ -214,7 +217,7 @@ def test_aot_compile_expert_parallel_layer_for_tpu():
     v5e 2x2 with expert=4: 64 experts, H 1024, I 256, 4096 tokens, bf16."""
     pytest.importorskip("libtpu", reason="libtpu (jax[tpu]) is needed to compile for TPU on a CPU host")
     from pallas_kernels import compile_for
-    from qwen35_jax.sharding import batch_sharding, make_mesh, param_shardings, use_mesh
+    from qwen35_jax.sharding import batch_sharding, make_mesh, param_shardings, unboxed, use_mesh
     from qwen35_jax.train.aot import topology_devices, tpu_env
 
     tpu_env()
@@ -223,10 +226,11 @@ def test_aot_compile_expert_parallel_layer_for_tpu():
     cfg = load_config("tiny", hidden_size=D, num_experts=64, experts_per_token=8, moe_intermediate_size=256,
                       shared_expert_intermediate_size=256, dtype="bfloat16", param_dtype="bfloat16")
     mod = MoE(cfg)
-    shapes = jax.eval_shape(mod.init, jax.random.key(0), jnp.zeros((B, T, D), jnp.bfloat16),
-                            token_mask_BT=jnp.ones((B, T), bool))["params"]
+    declared = jax.eval_shape(mod.init, jax.random.key(0), jnp.zeros((B, T, D), jnp.bfloat16),
+                              token_mask_BT=jnp.ones((B, T), bool))["params"]
+    shapes = unboxed(declared)
     params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
-                          param_shardings(shapes, mesh, D))
+                          param_shardings(declared, mesh))
     x = jax.ShapeDtypeStruct((B, T, D), jnp.bfloat16, sharding=batch_sharding(mesh, 3, batch_size=B))
     mask = jax.ShapeDtypeStruct((B, T), jnp.bool_, sharding=batch_sharding(mesh, 2, batch_size=B))
 

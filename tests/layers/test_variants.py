@@ -1,6 +1,7 @@
 """Token-mixer ablation variants: kernels against their recurrences, causality, packed documents, state sizes, and
 whole models built from compact patterns."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +17,8 @@ VARIANTS = ["softmax", "attn", "attn_headwise", "swa", "linear", "gla", "deltane
 LETTERS = {"F": "softmax", "A": "attn", "H": "attn_headwise", "S": "swa", "L": "linear", "M": "gla", "D": "deltanet",
            "G": "gdn"}
 
+unbox = nn.meta.unbox  # module.init boxes parameters with their logical axes
+
 
 def tiny(**kw):
     base = dict(vocab_size=53, hidden_size=16, num_layers=4, num_heads=2, num_kv_heads=1, head_dim=8,
@@ -28,7 +31,7 @@ def random_params(init, *args, seed=0, **kwargs):
     """Parameters of `init`'s shapes filled with N(0, 0.3^2): no compile of the initialisers (keeps tests fast)."""
     rng = np.random.default_rng(seed)
     return jax.tree.map(lambda s: jnp.asarray(0.3 * rng.normal(size=s.shape), s.dtype),
-                        jax.eval_shape(init, jax.random.key(0), *args, **kwargs))
+                        unbox(jax.eval_shape(init, jax.random.key(0), *args, **kwargs)))
 
 
 def mixer_fn(name, cfg, T=8, seed=0):
@@ -105,8 +108,8 @@ def test_linear_variants_chunked_equal_token_by_token(name):
 def test_linear_variants_have_their_gates_only():
     cfg = tiny()
     x = jnp.zeros((1, 4, cfg.hidden_size))
-    init = lambda name: jax.eval_shape(MIXERS[name](cfg).init, jax.random.key(0), x,  # noqa: E731
-                                       segment_ids_BT=jnp.ones((1, 4), jnp.int32))["params"]
+    init = lambda name: unbox(jax.eval_shape(MIXERS[name](cfg).init, jax.random.key(0), x,  # noqa: E731
+                                             segment_ids_BT=jnp.ones((1, 4), jnp.int32))["params"])
     keys = {name: set(init(name)) for name in ("linear", "gla", "deltanet", "gdn")}
     common = {"in_proj_qkv", "in_proj_z", "conv1d", "norm", "out_proj"}
     assert keys["linear"] == common
@@ -122,7 +125,7 @@ def test_decay_init_keeps_memory(name):
     MQAR. With a = 0 the initial per-token decays lie in [exp(-1.6), 1)."""
     cfg = tiny(gdn_num_value_heads=256)
     x = jnp.zeros((1, 4, cfg.hidden_size))
-    params = MIXERS[name](cfg).init(jax.random.key(0), x, segment_ids_BT=jnp.ones((1, 4), jnp.int32))["params"]
+    params = unbox(MIXERS[name](cfg).init(jax.random.key(0), x, segment_ids_BT=jnp.ones((1, 4), jnp.int32))["params"])
     dt = np.asarray(jax.nn.softplus(params["dt_bias"]))
     assert dt.min() >= 1e-3 * (1 - 1e-5) and dt.max() <= 1e-1 * (1 + 1e-5), (dt.min(), dt.max())
     log_dt = np.log(dt)  # spread over the whole range (log-uniform: about half below the geometric middle, 1e-2)
@@ -167,8 +170,8 @@ def test_sliding_window_forgets_and_gate_shapes():
     np.testing.assert_allclose(run(x2, seg, pos)[:, 7:], run(x, seg, pos)[:, 7:], rtol=1e-5, atol=1e-6)
     D, H, K = cfg.hidden_size, cfg.num_heads, cfg.head_dim
     x, ones = jnp.zeros((1, 4, D)), jnp.ones((1, 4), jnp.int32)
-    shapes = lambda name: jax.eval_shape(MIXERS[name](cfg).init, jax.random.key(0), x, segment_ids_BT=ones,  # noqa
-                                         positions_BT=jnp.arange(4)[None])["params"]
+    shapes = lambda name: unbox(jax.eval_shape(MIXERS[name](cfg).init, jax.random.key(0), x,  # noqa: E731
+                                               segment_ids_BT=ones, positions_BT=jnp.arange(4)[None])["params"])
     widths = {"softmax": H * K, "attn_headwise": H * (K + 1), "attn": 2 * H * K, "swa": 2 * H * K}
     for name, width in widths.items():
         assert shapes(name)["q_proj"]["kernel"].shape == (D, width), name

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.gated_delta_rule import chunk_gated_delta_rule
 from pallas_kernels.gated_delta_rule.reference import document_starts, l2norm
-from qwen35_jax.layers.common import accum_dtype, dense_init, dtypes
+from qwen35_jax.layers.common import accum_dtype, dense, dtypes, param
 from qwen35_jax.layers.gdn import (DECODE_RECURRENT_MAX, GatedDeltaNet, a_log_init, causal_depthwise_conv, conv_init,
                                   dt_bias_init)
 from qwen35_jax.layers.norms import GatedRMSNorm
@@ -140,18 +140,19 @@ class LinearAttentionBlock(nn.Module):
         dtype, param_dtype = dtypes(cfg)
         B, T, _ = x_BTD.shape
         Hk, Hv, dk, dv = cfg.gdn_num_key_heads, cfg.gdn_num_value_heads, cfg.gdn_key_dim, cfg.gdn_value_dim
-        dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=dtype, param_dtype=param_dtype,  # noqa: E731
-                                         kernel_init=dense_init(cfg.initializer_range), name=name)
+        proj = lambda n, axes, name: dense(n, axes, dtype=dtype, param_dtype=param_dtype,  # noqa: E731
+                                           std=cfg.initializer_range, name=name)
         x_BTD = jnp.where((segment_ids_BT != 0)[..., None], x_BTD, 0).astype(dtype)
-        qkv_BTC = dense(cfg.gdn_conv_dim, "in_proj_qkv")(x_BTD)
-        z_BTHV = dense(Hv * dv, "in_proj_z")(x_BTD).reshape(B, T, Hv, dv)
+        qkv_BTC = proj(cfg.gdn_conv_dim, ("embed", "heads"), "in_proj_qkv")(x_BTD)
+        z_BTHV = proj(Hv * dv, ("embed", "heads"), "in_proj_z")(x_BTD).reshape(B, T, Hv, dv)
         f32 = accum_dtype(dtype)
         g_BTH = jnp.zeros((B, T, Hv), f32)
         if self.delta:
-            beta_BTH = jax.nn.sigmoid(dense(Hv, "in_proj_b")(x_BTD))
+            beta_BTH = jax.nn.sigmoid(proj(Hv, ("embed", "heads"), "in_proj_b")(x_BTD))
         if self.decay:
-            a_BTH = dense(Hv, "in_proj_a")(x_BTD)
-        kernel_KC = self.param("conv1d", conv_init, (cfg.gdn_conv_kernel, cfg.gdn_conv_dim), param_dtype)
+            a_BTH = proj(Hv, ("embed", "heads"), "in_proj_a")(x_BTD)
+        kernel_KC = param(self, "conv1d", conv_init, (cfg.gdn_conv_kernel, cfg.gdn_conv_dim), param_dtype,
+                          ("conv", "heads"))
         if cache is None:
             conv_BTC = causal_depthwise_conv(qkv_BTC.astype(f32), kernel_KC.astype(f32), segment_ids_BT)
         else:  # continue from the last K-1 pre-conv columns of this sequence
@@ -164,8 +165,8 @@ class LinearAttentionBlock(nn.Module):
         k_BTHK = qkv_BTC[..., Hk * dk: 2 * Hk * dk].reshape(B, T, Hk, dk)
         v_BTHV = qkv_BTC[..., 2 * Hk * dk:].reshape(B, T, Hv, dv)
         if self.decay:
-            dt_bias = self.param("dt_bias", dt_bias_init, (Hv,), param_dtype)
-            A_log = self.param("A_log", a_log_init, (Hv,), param_dtype)
+            dt_bias = param(self, "dt_bias", dt_bias_init, (Hv,), param_dtype, ("heads",))
+            A_log = param(self, "A_log", a_log_init, (Hv,), param_dtype, ("heads",))
             g_BTH = -jnp.exp(A_log.astype(f32)) * jax.nn.softplus(a_BTH.astype(f32) + dt_bias.astype(f32))
         step_by_step = cache is not None and T <= DECODE_RECURRENT_MAX
         kwargs = dict(use_qk_l2norm=True, chunk_size=cfg.gdn_chunk_size)
@@ -182,7 +183,7 @@ class LinearAttentionBlock(nn.Module):
         else:
             o_BTHV, state = chunk_gated_linear_attention(q_BTHK, k_BTHK, v_BTHV, g_BTH, **kwargs)
         y_BTHV = GatedRMSNorm(cfg.rms_norm_eps, param_dtype, name="norm")(o_BTHV.astype(dtype), z_BTHV)
-        y = dense(cfg.hidden_size, "out_proj")(y_BTHV.reshape(B, T, Hv * dv))
+        y = proj(cfg.hidden_size, ("heads", "embed"), "out_proj")(y_BTHV.reshape(B, T, Hv * dv))
         return y if cache is None else (y, {"conv": new_conv, "state": state})
 
     # The registered variants below fix `decay` and `delta`; these read them from the class defaults.
