@@ -4,8 +4,9 @@
    `precision: fp8` uses) with per-tensor, per-channel and per-block (128) current scaling, on activations with
    outlier channels (a few channels 50x larger, as trained LLM activations have) and on plain Gaussian ones:
    relative Frobenius error of the output and of both gradients, plus the bytes of scales per step.
-2. Routed experts `gmm(x [M, K], w [G, K, N])` with experts of different magnitudes: this package's `gmm_fp8`
-   (per-expert column scales) vs qwix's `ragged_dot_qt` (one column scale shared by all experts), bf16 for scale.
+2. Routed experts `gmm(x [M, K], w [G, K, N])` with experts of different magnitudes (log-spaced over 10^+-1.5 and
+   10^+-4): this package's `gmm_fp8` (per-expert column scales) vs qwix's `ragged_dot_qt` (one column scale shared by
+   all experts), bf16 for scale.
 
 `python benchmarks/fp8_error.py --out benchmarks/results/fp8_error.json`
 """
@@ -74,12 +75,12 @@ def dense_table(M=512, K=1024, N=512):
     return rows
 
 
-def gmm_table(M=1024, K=256, N=256, G=8):
+def gmm_table(spread, M=1024, K=256, N=256, G=8):
     from qwix._src.core import ragged_dot_qt
 
     rng = np.random.default_rng(1)
     sizes = rng.multinomial(M, np.ones(G) / G).astype(np.int32)
-    mags = 10.0 ** rng.uniform(-1.5, 1.5, G)  # experts of different magnitudes
+    mags = 10.0 ** np.linspace(-spread, spread, G)  # experts of different magnitudes
     w = (rng.standard_normal((G, K, N)) * 0.02 * mags[:, None, None]).astype(np.float32)
     x = rng.standard_normal((M, K)).astype(np.float32)
     dy = (rng.standard_normal((M, N)) * 1e-3).astype(np.float32)
@@ -105,7 +106,7 @@ def gmm_table(M=1024, K=256, N=256, G=8):
         y, vjp = jax.vjp(f, jnp.asarray(x), jnp.asarray(w))
         dx, dw = vjp(jnp.asarray(dy))
         per_expert = [rel(y[s:s + n], y64[s:s + n]) for s, n in zip(np.cumsum(sizes) - sizes, sizes) if n]
-        rows.append({"path": name, "y": rel(y, y64), "y_worst_expert": max(per_expert), "dx": rel(dx, dx64),
+        rows.append({"path": name, "expert_spread": f"10^[-{spread}, {spread}]", "y": rel(y, y64), "y_worst_expert": max(per_expert), "dx": rel(dx, dx64),
                      "dw": rel(dw, dw64)})
     return rows
 
@@ -114,15 +115,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/fp8_error.json")
     args = parser.parse_args()
-    dense, grouped = dense_table(), gmm_table()
+    dense, grouped = dense_table(), gmm_table(1.5) + gmm_table(4.0)
     print("Dense projection [512, 1024] x [1024, 512], relative error vs float64 (e4m3 fwd, e5m2 grads)\n")
     print("| activations | scaling | y | dx | dw | scale bytes |\n| --- | --- | --- | --- | --- | --- |")
     for r in dense:
         print(f"| {r['data']} | {r['scaling']} | {r['y']:.2e} | {r['dx']:.2e} | {r['dw']:.2e} | {r['scale_bytes']:,} |")
-    print("\nRouted experts [1024, 256] x [8, 256, 256], expert magnitudes 10^U(-1.5, 1.5), relative error vs float64\n")
-    print("| path | y | y, worst expert | dx | dw |\n| --- | --- | --- | --- | --- |")
+    print("\nRouted experts [1024, 256] x [8, 256, 256], expert weight magnitudes log-spaced, relative error vs float64\n")
+    print("| expert magnitudes | path | y | y, worst expert | dx | dw |\n| --- | --- | --- | --- | --- | --- |")
     for r in grouped:
-        print(f"| {r['path']} | {r['y']:.2e} | {r['y_worst_expert']:.2e} | {r['dx']:.2e} | {r['dw']:.2e} |")
+        print(f"| {r['expert_spread']} | {r['path']} | {r['y']:.2e} | {r['y_worst_expert']:.2e} | {r['dx']:.2e} "
+              f"| {r['dw']:.2e} |")
     with open(args.out, "w") as f:
         json.dump({"dense": dense, "grouped": grouped}, f, indent=1)
 

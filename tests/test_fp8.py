@@ -170,7 +170,7 @@ def test_fp8_changes_numbers_like_fp8_and_leaves_bf16_alone(model):
 def test_gradients_flow_and_match_within_fp8_error(model):
     cfg, params, tokens = model
     f32 = cfg.replace(dtype="float32")
-    g32, gbf, g8 = (jax.jit(jax.grad(lambda p, c=c, f=f: _loss(c, p, tokens, f)))(params)
+    g32, gbf, g8 = (jax.jit(jax.grad(lambda p, t, c=c, f=f: _loss(c, p, t, f)))(params, jnp.asarray(tokens))
                     for c, f in ((f32, None), (cfg, None), (cfg, Fp8Config(mtp=True))))
     flat32, flatbf, flat8 = (dict(jax.tree_util.tree_flatten_with_path(g)[0]) for g in (g32, gbf, g8))
     worst = {}
