@@ -10,6 +10,7 @@ COMMANDS = {
     "info": ("qwen35_jax.cli", "info_main", "describe a model preset: parameters, active parameters, FLOPs/token"),
     "config": ("qwen35_jax.cli", "config_main", "list every config key (train, model, sweep) with its value and doc"),
     "train": ("qwen35_jax.train.main", "train_main", "train a model (no CONFIG: the embedded CPU default)"),
+    "train-vl": ("qwen35_jax.train.multimodal", "train_vl_main", "train on image-text data (no CONFIG: shapes)"),
     "eval": ("qwen35_jax.train.main", "eval_main", "score a run's checkpoint on a data spec"),
     "aot": ("qwen35_jax.train.aot", "aot_main", "compile the train step for a TPU topology and report memory"),
     "convert": ("qwen35_jax.train.convert", "convert_main", "Hugging Face checkpoint <-> orbax checkpoint"),

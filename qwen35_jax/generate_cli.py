@@ -10,14 +10,14 @@ import argparse
 import json
 import sys
 import types
-from pathlib import Path
 
+from qwen35_jax import paths
 from qwen35_jax.errors import UserError
 
 
 def load_source(source: str):
     """(cfg, params, tokenizer or None) from a run directory (config.json + checkpoints/) or an HF folder."""
-    path = Path(source)
+    path = paths.path(source)
     if not path.exists():
         raise UserError(f"{source}: no such run directory or checkpoint folder")
     config = path / "config.json"
@@ -29,12 +29,12 @@ def load_source(source: str):
         from qwen35_jax.train.convert import load_orbax_params, read_model_config
 
         cfg = read_model_config(path)
-        params = load_orbax_params(path)
+        params = load_orbax_params(path, cfg, warn=lambda msg: print(msg, file=sys.stderr))  # stdout: the text
         tokenizer = train_data.tokenizer_for(types.SimpleNamespace(tokenizer=record.get("tokenizer")))
         return cfg, params, tokenizer
     from qwen35_jax import hf
 
-    cfg, params = hf.load(path)
+    cfg, params = hf.load(paths.local_dir(path))
     tokenizer = None
     if (path / "tokenizer.json").exists() or (path / "tokenizer.model").exists():
         from qwen35_jax.data.tokenizer import load_tokenizer
@@ -66,6 +66,10 @@ def generate_main(argv) -> int:
     parser.add_argument("--speculative", choices=["mtp"], default=None, help="draft with the MTP head")
     parser.add_argument("--draft-tokens", type=int, default=2)
     parser.add_argument("--print-ids", action="store_true", help="print the generated ids as the last line")
+    parser.add_argument("--image", action="append", default=[], metavar="PATH",
+                        help="an image placed before the prompt (repeatable; needs a vision-language checkpoint)")
+    parser.add_argument("--min-pixels", type=int, default=256 * 256, help="images are resized to at least this")
+    parser.add_argument("--max-pixels", type=int, default=1024 * 1024, help="images are resized to at most this")
     args = parser.parse_args(argv)
 
     from qwen35_jax.generation import generate
@@ -79,6 +83,13 @@ def generate_main(argv) -> int:
             raise UserError("--prompt encodes to no tokens")
     else:
         ids = parse_ids(args.prompt_ids, "--prompt-ids")
+    vision_inputs = {}
+    if args.image:
+        from qwen35_jax.image_processing import image_prompt
+
+        ids, pixel_values, grids = image_prompt(cfg, args.image, ids, min_pixels=args.min_pixels,
+                                                max_pixels=args.max_pixels)
+        vision_inputs = {"pixel_values": pixel_values, "image_grid_thw": grids}
     if args.stop_ids is not None:
         stop = parse_ids(args.stop_ids, "--stop-ids")
     else:
@@ -100,7 +111,8 @@ def generate_main(argv) -> int:
         sys.stdout.write(args.prompt)
     result = generate(cfg, params, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       top_k=args.top_k, top_p=args.top_p, stop_tokens=stop, seed=args.seed,
-                      speculative=args.speculative, draft_tokens=args.draft_tokens, on_tokens=stream)
+                      speculative=args.speculative, draft_tokens=args.draft_tokens, on_tokens=stream,
+                      **vision_inputs)
     if tokenizer is not None:
         sys.stdout.write("\n")
     st = result.stats

@@ -116,3 +116,14 @@ def image_tokens(vcfg: VisionConfig, grid) -> list[int]:
     t, h, w = (int(x) for x in grid)
     n = t * h * w // vcfg.spatial_merge_size ** 2
     return [vcfg.vision_start_token_id] + [vcfg.image_token_id] * n + [vcfg.vision_end_token_id]
+
+
+def image_prompt(cfg, paths, ids: list[int], *, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS):
+    """(prompt ids with each image's placeholder run in front, in order, pixel_values, image_grid_thw) for
+    `generate`; a model without a vision tower is a one-line error."""
+    if cfg.vision is None:
+        raise UserError(f"model {cfg.name!r} has no vision tower (vision: null): --image needs a vision-language "
+                        "checkpoint")
+    pixel_values, grids = preprocess_images(paths, cfg.vision, min_pixels=min_pixels, max_pixels=max_pixels)
+    prefix = [t for g in grids for t in image_tokens(cfg.vision, g)]
+    return prefix + list(ids), pixel_values, grids

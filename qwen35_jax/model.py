@@ -164,10 +164,14 @@ class Qwen35(nn.Module):
     def mtp_logits(self, h_BTD, next_tokens_BT, segment_ids_BT, positions_BT, cache=None, cache_index=None):
         """Logits for token t+2 at each position t (from h_t and token t+1), the MTP hidden state (fed back as h
         to draft further tokens), router stats, MTP cache."""
+        u_BTD, stats, cache = self.mtp_hidden(h_BTD, next_tokens_BT, segment_ids_BT, positions_BT, cache, cache_index)
+        return self.logits(u_BTD), u_BTD, stats, cache
+
+    def mtp_hidden(self, h_BTD, next_tokens_BT, segment_ids_BT, positions_BT, cache=None, cache_index=None):
+        """The MTP hidden state before the LM head, router stats, MTP cache (see `mtp_logits`)."""
         dtype, _ = dtypes(self.cfg)
         emb = self.embed_tokens(next_tokens_BT).astype(accum_dtype(dtype))
-        u_BTD, stats, cache = self.mtp(emb, h_BTD, segment_ids_BT, positions_BT, cache, cache_index)
-        return self.logits(u_BTD), u_BTD, stats, cache
+        return self.mtp(emb, h_BTD, segment_ids_BT, positions_BT, cache, cache_index)
 
     def __call__(self, tokens_BT, segment_ids_BT, positions_BT, cache=None, cache_index=None, mtp_tokens_BT=None,
                  vision=None):
@@ -291,21 +295,72 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
     return {"index": jnp.zeros((), jnp.int32), "layers": layers}
 
 
-def forward_cached(cfg: ModelConfig, params, tokens, cache, *, segment_ids=None, positions=None, vision=None):
+def _logit_rows(h_BTD, logits_at):
+    """The hidden rows the LM head runs on: all (None), the last ("last") or `logits_at [B, N]` indices into T."""
+    if logits_at is None:
+        return h_BTD
+    if isinstance(logits_at, str):
+        if logits_at != "last":
+            raise ValueError(f"logits_at must be None, 'last' or [B, N] indices, got {logits_at!r}")
+        return h_BTD[:, -1:]
+    at = jnp.asarray(logits_at, jnp.int32)
+    if at.ndim != 2 or at.shape[0] != h_BTD.shape[0]:
+        raise ValueError(f"logits_at must be [B={h_BTD.shape[0]}, N] indices into T, got shape {tuple(at.shape)}")
+    return jnp.take_along_axis(h_BTD, at[..., None], axis=1)
+
+
+def _start(index):
+    """Default positions start at the cache index: a scalar, or [B] per-row indices (batched speculation)."""
+    return index[:, None] if jnp.ndim(index) else index
+
+
+def forward_cached(cfg: ModelConfig, params, tokens, cache, *, segment_ids=None, positions=None, logits_at=None,
+                   vision=None):
     """Runs `tokens [B, T]` on top of `cache` (prefill when the cache is empty, decode otherwise).
 
-    Returns (logits [B, T, V], hidden [B, T, D], new cache). Positions default to the cache index onwards; pass them
-    for left-padded batches (padding carries segment id 0 and is never attended to). `vision` (a prompt with
-    images: multimodal.prepare_vision) comes with [3, B, T] mRoPE positions.
+    Returns (logits [B, N, V] fp32, hidden [B, T, D], new cache). The LM head runs only where asked: every position
+    (`logits_at=None`, N = T), the last one (`"last"`, N = 1: a prefill never forms [B, T, V]) or `logits_at [B, N]`
+    indices into T. Positions default to the cache index onwards; pass them for left-padded batches (padding
+    carries segment id 0 and is never attended to). The cache index may be [B] (per-row write slots); a cache in the
+    checkpointed layout (`checkpoint_cache`) returns the Gated DeltaNet state after every one of the T tokens.
+    `vision` (a prompt with images: multimodal.prepare_vision) comes with [3, B, T] mRoPE positions.
     """
     check_tokens(cfg, tokens)
     tokens = jnp.asarray(tokens, jnp.int32)
     index = cache["index"]
-    seg, pos = default_inputs(tokens, segment_ids, positions, start=index)
-    logits, aux = module_for(cfg).apply({"params": params}, tokens, seg, pos, cache["layers"], index,
-                                        vision=vision)
-    new_cache = {"index": index + tokens.shape[1], "layers": aux["cache"]}
-    return logits, aux["hidden"], new_cache
+    seg, pos = default_inputs(tokens, segment_ids, positions, start=_start(index))
+
+    def run(model, tokens, seg, pos, layers, index, vision):
+        h_BTD, _, layers = model.hidden(tokens, seg, pos, layers, index, vision)
+        return model.logits(_logit_rows(h_BTD, logits_at)), h_BTD, layers
+
+    logits, hidden, layers = module_for(cfg).apply({"params": params}, tokens, seg, pos, cache["layers"], index,
+                                                   vision, method=run)
+    return logits, hidden, {"index": index + tokens.shape[1], "layers": layers}
+
+
+def checkpoint_cache(cache: dict) -> dict:
+    """The checkpointed layout of a decode cache: every Gated DeltaNet leaf (conv window, state) gains a position
+    axis of length 1 after the batch ([groups, B, 1, ...]); a forward on it returns that axis with one checkpoint
+    per new token, and `select_checkpoint` brings it back to length 1. KV caches are unchanged (they roll back by
+    index)."""
+    layers = {name: jax.tree.map(lambda x: x[:, :, None], block) if "state" in block else block
+              for name, block in cache["layers"].items()}
+    return dict(cache, layers=layers)
+
+
+def select_checkpoint(cache: dict, at_B) -> dict:
+    """Keeps each row's Gated DeltaNet checkpoint at position `at_B [B]` (the last accepted token of a speculative
+    verify pass), in the checkpointed layout (length-1 position axis). The index is left to the caller."""
+    at_B = jnp.asarray(at_B, jnp.int32)
+
+    def pick(x):  # x [groups, B, P, ...]
+        idx = at_B.reshape((1, -1, 1) + (1,) * (x.ndim - 3))
+        return jnp.take_along_axis(x, idx, axis=2)
+
+    layers = {name: jax.tree.map(pick, block) if "state" in block else block
+              for name, block in cache["layers"].items()}
+    return dict(cache, layers=layers)
 
 
 def init_mtp_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
@@ -316,14 +371,21 @@ def init_mtp_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> di
     return {"index": jnp.zeros((), jnp.int32), "layer": MIXERS["attn"].init_cache(cfg, batch, max_len, dtype)}
 
 
-def mtp_forward_cached(cfg: ModelConfig, params, hidden, next_tokens, cache, *, segment_ids=None, positions=None):
+def mtp_forward_cached(cfg: ModelConfig, params, hidden, next_tokens, cache, *, segment_ids=None, positions=None,
+                       logits_at=None):
     """The MTP head on top of its cache: position t takes the main model's hidden state h_t `hidden [B, T, D]` and
-    token t+1 `next_tokens [B, T]`. Returns (logits for token t+2 [B, T, V], MTP hidden [B, T, D], new cache)."""
+    token t+1 `next_tokens [B, T]`. Returns (logits for token t+2 [B, N, V] at the rows `logits_at` selects, as in
+    `forward_cached`; MTP hidden [B, T, D]; new cache)."""
     next_tokens = jnp.asarray(next_tokens, jnp.int32)
     index = cache["index"]
-    seg, pos = default_inputs(next_tokens, segment_ids, positions, start=index)
-    logits, u, _, layer = module_for(cfg).apply({"params": params}, hidden, next_tokens, seg, pos, cache["layer"],
-                                                index, method="mtp_logits")
+    seg, pos = default_inputs(next_tokens, segment_ids, positions, start=_start(index))
+
+    def run(model, hidden, next_tokens, seg, pos, layer, index):
+        u_BTD, _, layer = model.mtp_hidden(hidden, next_tokens, seg, pos, layer, index)
+        return model.logits(_logit_rows(u_BTD, logits_at)), u_BTD, layer
+
+    logits, u, layer = module_for(cfg).apply({"params": params}, hidden, next_tokens, seg, pos, cache["layer"],
+                                             index, method=run)
     return logits, u, {"index": index + next_tokens.shape[1], "layer": layer}
 
 

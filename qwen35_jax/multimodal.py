@@ -1,8 +1,9 @@
 """Early fusion: images and videos become vision tokens that replace their placeholder token embeddings.
 
 `prepare_vision` checks the host-side inputs (pixel shapes against grids, placeholder counts against grids) and
-turns them into the arrays the model consumes: a `vision` dict (patches of all images then all videos, and their
-per-patch metadata) and the [3, B, T] mRoPE positions. The model runs the tower on the patches and
+turns them into the arrays the model consumes: a `vision` dict (patches of all images then all videos and their
+per-patch metadata, `[1, N, ...]`: one attention group; training rows bring `[B, N, ...]`, one group per row) and
+the [3, B, T] mRoPE positions. The model runs the tower on the patches and
 `fuse_vision` scatters the merged tokens into the embedding sequence in reading order (row-major over the batch),
 images into image placeholders, videos into video placeholders, as transformers' `masked_scatter` does.
 """
@@ -71,7 +72,7 @@ def prepare_vision(cfg, tokens, *, segment_ids=None, positions=None, pixel_value
     vision = None
     if parts:
         meta = patch_metadata(vcfg, np.concatenate(grids_all))
-        vision = {"pixels": jnp.concatenate(parts), **{k: jnp.asarray(v) for k, v in meta.items()}}
+        vision = {"pixels": jnp.concatenate(parts)[None], **{k: jnp.asarray(v)[None] for k, v in meta.items()}}
     return vision, positions
 
 
@@ -93,4 +94,5 @@ def dummy_vision(vcfg: VisionConfig) -> dict:
     """One (1, merge, merge) image of zeros: the smallest input that initialises every tower parameter."""
     m = vcfg.spatial_merge_size
     meta = patch_metadata(vcfg, np.array([[1, m, m]]))
-    return {"pixels": jnp.zeros((m * m, vcfg.patch_dim), jnp.float32), **{k: jnp.asarray(v) for k, v in meta.items()}}
+    return {"pixels": jnp.zeros((1, m * m, vcfg.patch_dim), jnp.float32),
+            **{k: jnp.asarray(v)[None] for k, v in meta.items()}}

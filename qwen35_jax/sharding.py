@@ -1,13 +1,16 @@
 """The only place that knows about meshes: mesh construction, logical axis rules, parameter and batch shardings.
 
 Modules name logical axes (`batch`, `seq`, `embed`, `mlp`, `heads`, `vocab`, `expert`, ...); the rules below map them
-to the mesh axes `data`, `fsdp`, `tensor`, `expert` (adding a mesh axis is one entry in MESH_AXES and the rules).
+to the mesh axes `data`, `fsdp`, `tensor`, `expert` and `sequence` (context parallelism: `seq` over `sequence`;
+adding a mesh axis is one entry in MESH_AXES and the rules).
 Parameters declare their logical axes where they are created (`layers.common.param` / `dense`, carried as Flax
 `LogicallyPartitioned` metadata); `logical_axes` reads them off an abstract init and refuses an undeclared parameter,
 and optimizer state takes its shardings from the parameter tree it mirrors (`state_shardings`).
 A dimension that a mesh axis does not divide is replicated instead (tiny models on many devices still run).
 Computations XLA cannot partition run per device under `shard_map`: Pallas kernels (`shard_kernel`) and the
-expert-parallel MoE dispatch (`shard_experts`: tokens over the batch axes, experts over `expert`).
+expert-parallel MoE dispatch (`shard_experts`: tokens over the batch axes, experts over `expert`), and the mixers
+under context parallelism (`shard_sequence`: each device holds a contiguous slice of every sequence and the mixer
+exchanges what crosses slices over the axis it is handed).
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
+MESH_AXES = ("data", "fsdp", "tensor", "expert", "sequence")
 
 # logical axis -> mesh axes (in order); None = replicated. Parameters may name only these axes (or None).
 DEFAULT_RULES = {
     "batch": ("data", "fsdp", "expert"),
-    "seq": None,
-    "embed": ("fsdp",),  # the residual stream width D of a weight
+    "tokens": ("data", "fsdp", "expert", "sequence"),  # a flattened [batch * seq] axis (activations)
+    "seq": ("sequence",),
+    "embed": ("fsdp", "sequence"),  # the residual stream width D of a weight; a sequence group shards weights too
     "mlp": ("tensor",),  # FFN / expert intermediate width
     "heads": ("tensor",),  # attention / Gated DeltaNet heads (flattened heads x head width)
     "kv_heads": ("tensor",),  # key/value heads of GQA attention (flattened)
@@ -253,7 +257,7 @@ def shard_experts(local_fn, x_ND, weights_NK, experts_NK, w_gate_up_EDF2, w_down
     mesh, rules = _ACTIVE[-1]
     E = w_gate_up_EDF2.shape[0]
     axes = _expert_axes(E)
-    tokens = spec_for(("batch", None), x_ND.shape, mesh, rules)
+    tokens = spec_for(("tokens", None), x_ND.shape, mesh, rules)
     experts = P(axes, None, None)
     f = _shard_map(lambda *a: local_fn(*a, axis_name=axes), mesh, in_specs=(tokens, tokens, tokens, experts, experts),
                    out_specs=tokens)
@@ -268,15 +272,50 @@ def shard_kernel(fn, args, logical, out_logical):
     A plain call outside `use_mesh`."""
     if not _ACTIVE:
         return fn(*args)
+    return shard_sequence(lambda *a, axis_name: fn(*a), args, logical, out_logical)
+
+
+def _axes_of(spec_entry) -> tuple:
+    return () if spec_entry is None else ((spec_entry,) if isinstance(spec_entry, str) else tuple(spec_entry))
+
+
+def sequence_shards(seq_len: int | None = None) -> int:
+    """How many devices split the sequence under the active mesh (1: no context parallelism)."""
+    if not _ACTIVE:
+        return 1
     mesh, rules = _ACTIVE[-1]
-    head_dims = [a.shape[i] for a, names in zip(args, logical) if a is not None
-                 for i, n in enumerate(names) if n == "heads"]
-    if any(spec_for(("heads",), (d,), mesh, rules)[0] != spec_for(("heads",), (head_dims[0],), mesh, rules)[0]
-           for d in head_dims):
-        rules = {**rules, "heads": None}
+    axes = _axes_of(spec_for(("seq",), (seq_len or mesh.size,), mesh, rules)[0])
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def shard_sequence(fn, args, logical, out_logical):
+    """Context parallelism: runs `fn(*args, axis_name=...)` once per device under `shard_map`, every array split
+    along its logical axes with `seq` over the sequence mesh axes, so each device holds a contiguous slice of each
+    sequence; `fn` exchanges what crosses slices with collectives over `axis_name` (None without a sequence split).
+    `fn` returns a tuple, `out_logical` names the axes of each output. `logical[i]` may be "kernel": an object with
+    `manual_sharding_spec` whose tables split like [heads, seq] (the splash kernel, built for `head_shards` and
+    `sequence_shards`). Heads go over `tensor` only if every head dimension divides. A plain call with
+    axis_name=None outside `use_mesh`."""
+    if not _ACTIVE:
+        return fn(*args, axis_name=None)
+    mesh, rules = _ACTIVE[-1]
+    arrays = [(a, names) for a, names in zip(args, logical) if a is not None and names != "kernel"]
+    rules = _head_rules([a for a, _ in arrays], [n for _, n in arrays], mesh, rules)
+    seq_len = next((a.shape[i] for a, names in arrays for i, n in enumerate(names) if n == "seq"), None)
+    head_dim = next((a.shape[i] for a, names in arrays for i, n in enumerate(names) if n == "heads"), 1)
+    seq_axes = () if seq_len is None else _axes_of(spec_for(("seq",), (seq_len,), mesh, rules)[0])
+    head_axes = _axes_of(spec_for(("heads",), (head_dim,), mesh, rules)[0])
+    axis_name = (seq_axes[0] if len(seq_axes) == 1 else seq_axes) if seq_axes else None
     present = [i for i, a in enumerate(args) if a is not None]
-    in_specs = tuple(spec_for(logical[i], args[i].shape, mesh, rules) for i in present)
-    shapes = jax.eval_shape(fn, *args)
+
+    def spec(i):
+        if logical[i] == "kernel":
+            heads = (head_axes[0] if len(head_axes) == 1 else head_axes) if head_axes else None
+            return args[i].manual_sharding_spec(NamedSharding(mesh, P(heads, axis_name)))
+        return spec_for(logical[i], args[i].shape, mesh, rules)
+
+    in_specs = tuple(spec(i) for i in present)
+    shapes = jax.eval_shape(lambda *a: fn(*a, axis_name=None), *args)
     out_specs = tuple(None if s is None else spec_for(names, s.shape, mesh, rules)
                       for s, names in zip(shapes, out_logical))
 
@@ -284,9 +323,30 @@ def shard_kernel(fn, args, logical, out_logical):
         full = list(args)
         for i, x in zip(present, xs):
             full[i] = x
-        return fn(*full)
+        return fn(*full, axis_name=axis_name)
 
     return _shard_map(local, mesh, in_specs=in_specs, out_specs=out_specs)(*(args[i] for i in present))
+
+
+def head_shards(head_dims) -> int:
+    """How many devices split the heads under the active mesh (every head dimension must divide, else 1)."""
+    if not _ACTIVE:
+        return 1
+    mesh, rules = _ACTIVE[-1]
+    axes = [_axes_of(spec_for(("heads",), (d,), mesh, rules)[0]) for d in head_dims]
+    if any(a != axes[0] for a in axes):
+        return 1
+    return math.prod(mesh.shape[a] for a in axes[0])
+
+
+def _head_rules(args, logical, mesh, rules):
+    """Rules with heads replicated unless the mesh's head axes divide every head dimension among the arrays."""
+    head_dims = [a.shape[i] for a, names in zip(args, logical) if a is not None
+                 for i, n in enumerate(names) if n == "heads"]
+    if head_dims and any(spec_for(("heads",), (d,), mesh, rules)[0] != spec_for(("heads",), (head_dims[0],), mesh,
+                                                                                   rules)[0] for d in head_dims):
+        return {**rules, "heads": None}
+    return rules
 
 
 def process_batch_slice(global_batch: int) -> tuple[int, int]:

@@ -117,7 +117,8 @@ def test_gmm_fp8_xla_matches_pallas():
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.standard_normal((40, 32)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((4, 32, 24)), jnp.float32)
-    a, b = (gmm_fp8(x, w, jnp.asarray(_groups()), impl=i, preferred_element_type=jnp.float32) for i in ("xla", "pallas"))
+    a, b = (gmm_fp8(x, w, jnp.asarray(_groups()), impl=i, preferred_element_type=jnp.float32)
+            for i in ("xla", "pallas"))
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)  # same FP8 values, f32 sums
 
 

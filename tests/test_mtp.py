@@ -66,7 +66,7 @@ def test_mtp_router_joins_the_load_balancing_loss():
     load-balancing loss and the expert-count metric (one more row)."""
     from qwen35_jax.train.config import load_train_config
     from qwen35_jax.train.losses import load_balancing_loss
-    from qwen35_jax.train.step import loss_and_metrics
+    from qwen35_jax.train.step import global_norms, loss_and_metrics, router_metrics
 
     cfg = mtp_cfg(True)
     params = init_params(cfg, jax.random.key(0))
@@ -74,7 +74,9 @@ def test_mtp_router_joins_the_load_balancing_loss():
     batch = {"tokens": tokens, "targets": np.roll(tokens, -1, 1), "segment_ids": np.ones_like(tokens),
              "positions": np.broadcast_to(np.arange(12), tokens.shape), "loss_mask": np.ones(tokens.shape, np.float32)}
     tcfg = load_train_config(None, {"mtp_lambda": 0.3, "batch_size": 2, "seq_len": 12})
-    _, metrics = loss_and_metrics(cfg, tcfg, params, batch, 24.0)
+    norms = global_norms(cfg, tcfg, batch)
+    _, metrics = loss_and_metrics(cfg, tcfg, params, batch, norms)
+    metrics.update(router_metrics(cfg, metrics, norms))
     _, aux = forward(cfg, params, tokens, mtp_tokens=batch["targets"], return_aux=True)
     main, mtp = aux["router"], aux["mtp_router"]
     pooled = {k: np.concatenate([np.asarray(main[k]), np.asarray(mtp[k])[None]]) for k in main}

@@ -160,3 +160,29 @@ def test_rules_cover_every_declared_axis():
     used = {a for axes in jax.tree.leaves(param_axes(cfg), is_leaf=lambda x: isinstance(x, LogicalAxes))
             for a in axes if a is not None}
     assert used <= set(DEFAULT_RULES)
+
+
+VISION = [
+    (r"^visual/patch_embed/kernel$", (None, "embed")), (r"^visual/patch_embed/bias$", ("embed",)),
+    (r"^visual/pos_embed$", (None, "embed")),
+    (r"^visual/blocks/qkv/kernel$", ("layers", "embed", "heads")), (r"^visual/blocks/qkv/bias$", ("layers", "heads")),
+    (r"^visual/blocks/proj/kernel$", ("layers", "heads", "embed")), (r"^visual/blocks/proj/bias$", ("layers", "embed")),
+    (r"^visual/blocks/fc1/kernel$", ("layers", "embed", "mlp")), (r"^visual/blocks/fc1/bias$", ("layers", "mlp")),
+    (r"^visual/blocks/fc2/kernel$", ("layers", "mlp", "embed")), (r"^visual/blocks/fc2/bias$", ("layers", "embed")),
+    (r"^visual/blocks/norm[12]/(scale|bias)$", ("layers", "norm")),
+    (r"^visual/merger/norm/(scale|bias)$", ("norm",)),
+    (r"^visual/merger/fc1/kernel$", (None, "mlp")), (r"^visual/merger/fc1/bias$", ("mlp",)),
+    (r"^visual/merger/fc2/kernel$", ("mlp", "embed")), (r"^visual/merger/fc2/bias$", ("embed",)),
+]
+
+
+def test_vision_tower_declares_its_axes():
+    cfg = load_config("tiny", mtp_num_layers=0, vision={"depth": 2, "hidden_size": 32, "intermediate_size": 48,
+                                                        "num_heads": 2, "num_position_embeddings": 16})
+    flat_axes, flat_shapes = declared(cfg)
+    visual = {p: a for p, a in flat_axes.items() if p.startswith("visual/")}
+    assert len(visual) == 21
+    for path, axes in visual.items():
+        hits = [want for pattern, want in VISION if re.search(pattern, path)]
+        assert hits == [tuple(axes)], path
+    assert flat_shapes["visual/merger/fc2/kernel"][-1] == cfg.hidden_size  # writes the text model's stream

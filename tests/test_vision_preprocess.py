@@ -55,3 +55,16 @@ def test_image_tokens_match_grid():
     toks = image_tokens(v, (1, 14, 20))
     assert toks[0] == v.vision_start_token_id and toks[-1] == v.vision_end_token_id
     assert toks.count(v.image_token_id) == 14 * 20 // 4
+
+
+def test_image_prompt_needs_a_vision_tower(tmp_path):
+    from qwen35_jax.config import load_config
+    from qwen35_jax.image_processing import image_prompt
+
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "ok.png")
+    with pytest.raises(UserError, match="no vision tower"):
+        image_prompt(load_config("tiny"), [tmp_path / "ok.png"], [1, 2])
+    cfg = load_config("tiny", vision={"depth": 1, "hidden_size": 32, "intermediate_size": 32, "num_heads": 2})
+    ids, pv, grids = image_prompt(cfg, [tmp_path / "ok.png"], [1, 2], min_pixels=64 * 64, max_pixels=64 * 64)
+    assert grids.tolist() == [[1, 4, 4]] and pv.shape == (16, 1536)
+    assert ids == image_tokens(cfg.vision, (1, 4, 4)) + [1, 2]

@@ -44,13 +44,23 @@ class _Tokenize(grain.transforms.Map):
 
 
 class _Cut(grain.experimental.FlatMapTransform):
-    """One document's tokens -> pieces {"tokens": [L], "targets": [L]} with L <= seq_len."""
+    """One document's tokens -> pieces {"tokens": [L], "targets": [L]} with L <= seq_len.
 
-    def __init__(self, seq_len: int):
-        self.seq_len = seq_len
+    `empty_limit` consecutive documents without a single target (a whole pass over a repeating source) mean that
+    every document is empty: a UserError instead of the packer waiting forever for a piece."""
+
+    def __init__(self, seq_len: int, empty_limit: int | None = None, name: str = ""):
+        self.seq_len, self.empty_limit, self.name, self._empty_run = seq_len, empty_limit, name, 0
         self.max_fan_out = 1 << 30  # only the MapDataset flavour uses it
 
     def flat_map(self, ids):
+        if len(ids) < 2:
+            self._empty_run += 1
+            if self.empty_limit is not None and self._empty_run >= self.empty_limit:
+                raise UserError(f"{self.name}: all {self.empty_limit} documents are empty (no text to predict); "
+                                f"nothing to train on")
+        else:
+            self._empty_run = 0
         pieces = []
         for s in range(0, len(ids) - 1, self.seq_len):
             e = min(s + self.seq_len, len(ids) - 1)
@@ -151,12 +161,14 @@ def _packed_rows(source: DocumentSource, tokenizer, *, seq_len: int, seed: int, 
     if seq_len < 1:
         raise UserError(f"seq_len must be positive, got {seq_len}")
     docs = grain.MapDataset.source(source)[process_index::process_count]
+    n_docs = len(docs)
     if shuffle and len(docs):
         docs = _EpochShuffle(docs, seed)
     docs = docs.repeat(num_epochs).map(_Tokenize(tokenizer, add_bos))
     # Reading threads only add overhead here: tokenising holds the GIL. Parallelism comes from num_workers.
     docs = docs.to_iter_dataset(grain.ReadOptions(num_threads=0))
-    pieces = gx.FlatMapIterDataset(docs, _Cut(seq_len))
+    pieces = gx.FlatMapIterDataset(docs, _Cut(seq_len, empty_limit=max(n_docs, 1) if num_epochs is None else None,
+                                              name=source.name))
     if shuffle:
         pieces = gx.WindowShuffleIterDataset(pieces, window_size=min(4096, max(64, WINDOW_TOKENS // seq_len)),
                                              seed=(seed + 1) % 2**32)
@@ -167,14 +179,16 @@ def _packed_rows(source: DocumentSource, tokenizer, *, seq_len: int, seed: int, 
 
 def make_dataset(spec, tokenizer, *, seq_len: int, batch_size: int, seed: int, shuffle: bool = True,
                  num_epochs: int | None = None, process_index: int = 0, process_count: int = 1,
-                 num_workers: int = 0, add_bos: bool = False) -> DataIterator:
+                 num_workers: int = 0, add_bos: bool = False, vocab_size: int | None = None) -> DataIterator:
     """Training batches of this process's shard: dicts of `FEATURES` with shapes [batch_size, seq_len].
 
     `spec` is a data spec dict (see sources.py) or a DocumentSource. `num_epochs=None` repeats forever; a final
     partial batch is dropped. The order depends on (seed, process_index, process_count, num_workers): keep them
-    fixed across a resume. `num_workers > 0` tokenises and packs in that many worker processes.
+    fixed across a resume. `num_workers > 0` tokenises and packs in that many worker processes. Token ids read from
+    tokenized data must lie in [0, vocab_size) (default: the tokenizer's), else a UserError names the record.
     """
     source = spec if isinstance(spec, DocumentSource) else document_source(spec)
+    source.vocab_size = vocab_size or tokenizer.vocab_size
     if len(source) < process_count:
         raise UserError(f"{source.name} has {len(source)} documents in split {source.spec.get('split', 'train')!r}, "
                         f"fewer than the {process_count} processes that each need a share")
@@ -192,11 +206,13 @@ def make_dataset(spec, tokenizer, *, seq_len: int, batch_size: int, seed: int, s
 
 
 def make_eval_dataset(spec, tokenizer, *, seq_len: int, batch_size: int, process_index: int = 0,
-                      process_count: int = 1, num_batches: int | None = None, add_bos: bool = False) -> DataIterator:
+                      process_count: int = 1, num_batches: int | None = None, add_bos: bool = False,
+                      vocab_size: int | None = None) -> DataIterator:
     """One deterministic pass (no shuffling) over this process's shard of `spec`; the last batch is filled with
     padding rows (loss_mask 0). With `num_batches`, exactly that many batches: cut short, or padded with all-padding
     batches, so that every process runs the same number of eval steps."""
     source = spec if isinstance(spec, DocumentSource) else document_source(spec)
+    source.vocab_size = vocab_size or tokenizer.vocab_size
     rows = _packed_rows(source, tokenizer, seq_len=seq_len, seed=0, shuffle=False, num_epochs=1,
                         process_index=process_index, process_count=process_count, add_bos=add_bos,
                         num_bins=max(2 * batch_size, 16))

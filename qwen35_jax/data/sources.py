@@ -17,11 +17,13 @@ first read.
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import logging
+import posixpath
 
 import numpy as np
 import yaml
 
+from qwen35_jax import paths
 from qwen35_jax.data import corpus
 from qwen35_jax.errors import UserError
 
@@ -33,6 +35,7 @@ KINDS = {
 }
 COMMON_KEYS = {"kind", "split", "validation_fraction"}
 DEFAULT_GLOBS = {"text": "**/*.txt", "jsonl": "**/*.jsonl", "array_record": "**/*.array_record*"}
+log = logging.getLogger(__name__)
 
 
 def parse_spec(arg: str | dict) -> dict:
@@ -50,10 +53,10 @@ def parse_spec(arg: str | dict) -> dict:
         if not isinstance(spec, dict):
             raise UserError(f"data spec {text!r} must be a mapping")
         return spec
-    path = Path(text)
-    if path.suffix == ".jsonl":
+    name = posixpath.basename(text)
+    if name.endswith(".jsonl"):
         return {"kind": "jsonl", "path": text}
-    if ".array_record" in path.name:
+    if ".array_record" in name:
         return {"kind": "array_record", "path": text}
     return {"kind": "text", "path": text}
 
@@ -98,9 +101,15 @@ class DocumentSource:
         hashes = _mix64(file_hashes[file_ids] + records.astype(np.uint64)) if len(file_ids) else file_ids
         if self.kind in ("stdlib", "text"):  # one document per file: the file's own hash, as in corpus.py
             hashes = file_hashes[file_ids]
-        keep = corpus.split_mask(hashes, self.spec.get("split", "train"),
-                                 float(self.spec.get("validation_fraction", corpus.VALIDATION_FRACTION)))
+        split = self.spec.get("split", "train")
+        fraction = float(self.spec.get("validation_fraction", corpus.VALIDATION_FRACTION))
+        keep = corpus.split_mask(hashes, split, fraction)
         self.file_ids, self.records = file_ids[keep], records[keep]
+        self.total_documents = len(file_ids)
+        if split == "validation" and len(hashes) >= 2 and not (hashes < np.uint64(int(fraction * 2.0**64 - 1))).any():
+            log.warning("%s: validation_fraction=%g of %d documents selects none; holding out one document (%s) "
+                        "for validation", self.name, fraction, len(hashes), self.location(0))
+        self.vocab_size: int | None = None  # set by the pipeline: token ids read from tokenized data are checked
 
     def __len__(self) -> int:
         return len(self.file_ids)
@@ -125,7 +134,7 @@ class DocumentSource:
 
     def _jsonl_record(self, f: int, r: int) -> str:
         path, line = self.root / self.files[f], int(self._lines[f][r])
-        with open(path, "rb") as fh:
+        with path.open("rb") as fh:
             fh.seek(int(self._offsets[f][r]))
             raw = fh.readline()
         text = _decode(path, raw, line)
@@ -146,8 +155,8 @@ class DocumentSource:
             from array_record.python.array_record_module import ArrayRecordReader
 
             path = self.root / self.files[f]
-            try:
-                self._readers[f] = ArrayRecordReader(str(path), "readahead_buffer_size:0")
+            try:  # ArrayRecord reads local files only: remote shards are staged to local disk once per host
+                self._readers[f] = ArrayRecordReader(paths.local_file(path), "readahead_buffer_size:0")
             except Exception as e:
                 raise UserError(f"{path}: not a readable ArrayRecord file ({e})") from None
         return self._readers[f]
@@ -159,7 +168,14 @@ class DocumentSource:
             return _decode(path, raw, None, record=r)
         if len(raw) % 4:
             raise UserError(f"{path}#{r}: {len(raw)} bytes is not a whole number of int32 token ids")
-        return np.frombuffer(raw, "<i4").astype(np.int32)
+        ids = np.frombuffer(raw, "<i4").astype(np.int32)
+        if self.vocab_size is not None and ids.size:
+            bad = np.flatnonzero((ids < 0) | (ids >= self.vocab_size))
+            if bad.size:
+                raise UserError(f"{path}#{r}: token id {int(ids[bad[0]])} at position {int(bad[0])} is outside the "
+                                f"vocabulary [0, {self.vocab_size}) ({bad.size} such ids in this record); "
+                                f"was the data tokenized for another model?")
+        return ids
 
     def __getstate__(self):  # open readers cannot cross into worker processes; they reopen on demand
         return {**self.__dict__, "_readers": {}}
@@ -185,25 +201,34 @@ def validate_spec(spec) -> dict:
     return dict(spec)
 
 
-def _find_files(spec: dict) -> tuple[Path, list[str]]:
+def _find_files(spec: dict):
+    """(root, files relative to root). `path` is a file, a folder (files matching `glob` under it) or itself a
+    pattern (`gs://bucket/train/*.array_record`, `data/**/*.jsonl`); local or gs://."""
     if spec["kind"] == "stdlib":
-        root = Path(spec["root"]) if spec.get("root") else corpus.stdlib_root()
+        root = paths.path(spec["root"]) if spec.get("root") else corpus.stdlib_root()
         return root, corpus.stdlib_files(root)
-    path = Path(spec["path"]).expanduser()
-    if path.is_file():
-        return path.parent, [path.name]
-    if not path.is_dir():
-        raise UserError(f"data spec {spec}: {path} does not exist")
-    pattern = spec.get("glob", DEFAULT_GLOBS[spec["kind"]])
-    files = sorted(p.relative_to(path).as_posix() for p in path.glob(pattern) if p.is_file())
+    text = str(spec["path"])
+    if paths.has_glob(text):
+        if "glob" in spec:
+            raise UserError(f"data spec {spec}: 'path' is already a pattern; drop 'glob' or make 'path' a folder")
+        root_text, pattern = paths.split_glob(text)
+        root = paths.path(root_text)
+    else:
+        root, pattern = paths.path(text), spec.get("glob", DEFAULT_GLOBS[spec["kind"]])
+        if root.is_file():
+            return root.parent, [root.name]
+        if not root.is_dir():
+            raise UserError(f"data spec {spec}: {root} does not exist")
+    prefix = str(root).rstrip("/") + "/"
+    files = [str(p)[len(prefix):] for p in paths.glob(prefix + pattern, files_only=True)]
     if not files:
-        raise UserError(f"data spec {spec}: no files match {pattern!r} under {path}")
-    return path, files
+        raise UserError(f"data spec {spec}: no files match {pattern!r} under {root}")
+    return root, files
 
 
-def _line_index(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _line_index(path) -> tuple[np.ndarray, np.ndarray]:
     """Byte offsets and 1-based line numbers of the non-blank lines of a file."""
-    data = np.fromfile(path, np.uint8)
+    data = np.fromfile(str(path), np.uint8) if not paths.is_remote(path) else np.frombuffer(path.read_bytes(), np.uint8)
     ends = np.flatnonzero(data == ord("\n"))
     starts = np.concatenate([[0], ends + 1]).astype(np.int64)
     ends = np.concatenate([ends, [len(data)]]).astype(np.int64)

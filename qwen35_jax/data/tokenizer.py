@@ -18,6 +18,7 @@ from typing import Protocol, runtime_checkable
 
 import sentencepiece as spm
 
+from qwen35_jax import paths
 from qwen35_jax.errors import UserError
 
 # Bump when the training recipe changes so that stale cached default tokenizers are not reused.
@@ -41,7 +42,7 @@ class SentencePieceTokenizer:
 
     def __init__(self, model_file: str | os.PathLike | None = None, *, model_proto: bytes | None = None):
         if model_proto is None:
-            model_proto = Path(model_file).read_bytes()
+            model_proto = _read_bytes(model_file)
         self.model_file = None if model_file is None else str(model_file)
         self._proto = model_proto
         self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
@@ -83,10 +84,11 @@ class HFTokenizer:
                  pad: str | None = None):
         from tokenizers import Tokenizer as _HFTok  # lazy: only needed for this kind
 
-        path = Path(path)
+        path = paths.path(path)
         self.path = str(path)
+        text = _read_bytes(path).decode("utf-8", errors="replace")
         try:
-            self._tok = _HFTok.from_file(str(path))
+            self._tok = _HFTok.from_str(text)
         except Exception as e:  # the Rust error text names what is wrong in the file
             raise UserError(f"{path}: not a valid tokenizer.json: {e}") from None
         self._names = (eos, bos, pad)
@@ -128,18 +130,28 @@ def _hf_from_path(path, eos, bos, pad):
     return HFTokenizer(path, eos=eos, bos=bos, pad=pad)
 
 
-def _read_tokenizer_config(path: Path) -> dict:
+def _read_bytes(path) -> bytes:
+    """A tokenizer file's bytes (local or gs://); a missing or unreadable file is a one-line UserError."""
+    try:
+        return paths.path(path).read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"tokenizer {path}: no such file") from None
+    except OSError as e:
+        raise UserError(f"tokenizer {path}: cannot be read ({e.strerror or type(e).__name__})") from None
+
+
+def _read_tokenizer_config(path) -> dict:
     if not path.exists():
         return {}
     try:
-        return json.loads(path.read_text())
+        return json.loads(_read_bytes(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON: {e}") from None
 
 
 def load_tokenizer(path: str | os.PathLike, **special) -> SentencePieceTokenizer | HFTokenizer:
     """A sentencepiece `.model`, a `tokenizer.json`, or a folder holding one of them."""
-    path = Path(path).expanduser()
+    path = paths.path(path)
     if path.is_dir():
         for name in ("tokenizer.json", "tokenizer.model"):
             if (path / name).exists():
@@ -149,8 +161,9 @@ def load_tokenizer(path: str | os.PathLike, **special) -> SentencePieceTokenizer
         raise UserError(f"tokenizer {path}: no such file")
     if path.suffix == ".json":
         return HFTokenizer(path, **special)
+    proto = _read_bytes(path)
     try:
-        return SentencePieceTokenizer(path)
+        return SentencePieceTokenizer(path, model_proto=proto)
     except RuntimeError as e:
         raise UserError(f"{path}: not a sentencepiece model ({e})") from None
 
@@ -196,10 +209,11 @@ def train_sentencepiece(texts: Iterable[str], out_prefix: str | os.PathLike, voc
     if vocab_size < 300:
         raise UserError(f"vocab_size={vocab_size} is too small: 256 byte pieces, 6 special pieces and the "
                         f"input's characters need at least 300")
-    out_prefix = Path(out_prefix).expanduser()
+    out_prefix = paths.path(out_prefix)
+    remote = paths.is_remote(out_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     sentences = training_sentences(texts, max_total_chars=max_total_chars)
-    with tempfile.TemporaryDirectory(dir=out_prefix.parent, prefix=".sp-train-") as tmp:
+    with tempfile.TemporaryDirectory(dir=None if remote else str(out_prefix.parent), prefix=".sp-train-") as tmp:
         tmp_prefix = Path(tmp) / "model"
         try:
             spm.SentencePieceTrainer.train(
@@ -213,8 +227,11 @@ def train_sentencepiece(texts: Iterable[str], out_prefix: str | os.PathLike, voc
         except RuntimeError as e:
             raise UserError(f"sentencepiece training for {out_prefix} failed: {e}") from None
         for ext in (".vocab", ".model"):  # .model last: its presence means the pair is complete
-            os.replace(f"{tmp_prefix}{ext}", f"{out_prefix}{ext}")
-    return Path(f"{out_prefix}.model")
+            if remote:
+                paths.path(f"{out_prefix}{ext}").write_bytes(Path(f"{tmp_prefix}{ext}").read_bytes())
+            else:
+                os.replace(f"{tmp_prefix}{ext}", f"{out_prefix}{ext}")
+    return paths.path(f"{out_prefix}.model")
 
 
 def default_cache_dir() -> Path:

@@ -3,16 +3,23 @@
 `q_proj` emits, per head, the query followed by its gate (`[Hq, hd + gate_width]`, interleaved per head). The gate is
 elementwise (`gate_width = hd`, Qwen3.5, "G1" in the Gated Attention paper), headwise (`gate_width = 1`) or absent.
 It multiplies the attention output before `o_proj`.
+
+Training and prefill without a cache never form the [T, T] scores unless `attention_impl` picks the dense path
+(`pallas_kernels.flash_attention`: blocked online softmax in XLA, splash on TPU). Under context parallelism each
+device holds a slice of the queries and gathers the keys and values of the whole sequence (`attend`).
 """
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import target
+from pallas_kernels.flash_attention import flash_attention, resolve_impl
 from qwen35_jax.layers.common import accum_dtype, dense, dtypes, same_segment_BTT
 from qwen35_jax.layers.norms import RMSNorm
 from qwen35_jax.layers.mrope import mrope_cos_sin
 from qwen35_jax.layers.rope import apply_rope, rope_cos_sin
+from qwen35_jax.sharding import head_shards, sequence_shards, shard_sequence
 
 NEG_INF = -1e30
 
@@ -33,19 +40,22 @@ def attention_mask_BTS(segment_ids_BT, positions_BT=None, sliding_window: int = 
 
 
 def update_kv_cache(cache, index, k_BTGK, v_BTGK, segment_ids_BT, sliding_window: int = 0):
-    """Writes T new keys/values at slot `index` (k after norm and RoPE); returns the cache, all keys/values and the
+    """Writes T new keys/values at slot `index` (k after norm and RoPE; a scalar, or [B] per-row slots as in batched
+    speculative decoding, where rows accept different numbers of drafts); returns the cache, all keys/values and the
     [B, T, S] mask: causal over slots, padded slots (segment id 0) never attended."""
     T, S = k_BTGK.shape[1], cache["k"].shape[1]
-    k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_BTGK.astype(cache["k"].dtype), index, axis=1)
-    v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_BTGK.astype(cache["v"].dtype), index, axis=1)
-    valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], segment_ids_BT != 0, index, axis=1)
-    q_slot = index + jnp.arange(T)
+    put = lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), i, axis=1)  # noqa: E731
+    if jnp.ndim(index):
+        put = jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), i, axis=0))
+    k, v = put(cache["k"], k_BTGK, index), put(cache["v"], v_BTGK, index)
+    valid = put(cache["valid"], segment_ids_BT != 0, index)
+    q_slot = jnp.reshape(index, (-1, 1)) + jnp.arange(T)  # [1 or B, T]
     k_slot = jnp.arange(S)
-    causal = k_slot[None, :] <= q_slot[:, None]
+    causal = k_slot[None, None, :] <= q_slot[:, :, None]
     if sliding_window:
-        causal = causal & (q_slot[:, None] - k_slot[None, :] < sliding_window)
-    mask = causal[None] & valid[:, None, :]
-    mask = mask | (k_slot[None, None, :] == q_slot[None, :, None])  # a padded query attends to itself (no NaN)
+        causal = causal & (q_slot[:, :, None] - k_slot[None, None, :] < sliding_window)
+    mask = causal & valid[:, None, :]
+    mask = mask | (k_slot[None, None, :] == q_slot[:, :, None])  # a padded query attends to itself (no NaN)
     return {"k": k, "v": v, "valid": valid}, k, v, mask
 
 
@@ -61,6 +71,40 @@ def softmax_attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS, *, return_probs=False):
     out = jnp.einsum("BGRTS,BSGK->BTGRK", probs.astype(v_BSGK.dtype), v_BSGK)
     out = out.reshape(B, T, H, K)
     return (out, probs.reshape(B, H, T, -1)) if return_probs else out
+
+
+_HEADS = ("batch", "seq", "heads", None)
+
+
+def attend(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT, cfg):
+    """Causal same-document (windowed) attention over whole sequences, o [B, T, H, K], by `cfg.attention_impl`.
+
+    With the sequence split over devices, each computes its own queries against the keys and values of the whole
+    sequence, all-gathered: with grouped-query attention K and V are H / G times smaller than the queries, so
+    gathering them costs less than ring attention's rotations, and the kernels skip key blocks past the causal
+    bound (shard s reads (s + 1) / N of them). The gradient of the gather is a reduce-scatter of dK, dV."""
+    B, T, H, K = q_BTHK.shape
+    n_seq = sequence_shards(T)
+    impl = resolve_impl(cfg.attention_impl, T // n_seq, T, K)
+    kernel = None
+    if impl == "splash":
+        from pallas_kernels.flash_attention.splash import make_kernel
+
+        kernel = make_kernel(T, T, H, cfg.sliding_window, q_seq_shards=n_seq,
+                             head_shards=head_shards((H, k_BTGK.shape[2])), interpret=not target.on_tpu())
+
+    def local(q, k, v, seg, kern, *, axis_name):
+        kv_seg, offset = seg, 0
+        if axis_name is not None:
+            gather = lambda x: jax.lax.all_gather(x, axis_name, axis=1, tiled=True)  # noqa: E731
+            k, v, kv_seg = gather(k), gather(v), gather(seg)
+            offset = jax.lax.axis_index(axis_name) * q.shape[1]
+        return (flash_attention(q, k, v, seg, kv_seg, q_offset=offset, sliding_window=cfg.sliding_window,
+                                impl=impl, kernel=kern),)
+
+    (out,) = shard_sequence(local, (q_BTHK, k_BTGK, v_BTGK, segment_ids_BT, kernel),
+                            (_HEADS, _HEADS, _HEADS, ("batch", "seq"), "kernel"), (_HEADS,))
+    return out
 
 
 class GatedAttention(nn.Module):
@@ -81,17 +125,22 @@ class GatedAttention(nn.Module):
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, param_dtype, name=name)  # noqa: E731
         q_BTHK, k_BTGK = norm("q_norm")(q_BTHK), norm("k_norm")(k_BTGK)
         if positions_BT.ndim == 3:  # [3, B, T] mRoPE rows (vision inputs)
-            cos, sin = mrope_cos_sin(positions_BT, cfg.rotary_dim, cfg.rope_theta, cfg.mrope_section, dtype)
+            cos, sin = mrope_cos_sin(positions_BT, cfg.rotary_dim, cfg.rope_theta, cfg.mrope_section, dtype,
+                                     scaling=cfg.rope_scaling)
         else:
-            cos, sin = rope_cos_sin(positions_BT, cfg.rotary_dim, cfg.rope_theta, dtype)
+            cos, sin = rope_cos_sin(positions_BT, cfg.rotary_dim, cfg.rope_theta, dtype, cfg.rope_scaling)
         q_BTHK, k_BTGK = apply_rope(q_BTHK, cos, sin), apply_rope(k_BTGK, cos, sin)
-        if cache is None:
-            mask = attention_mask_BTS(segment_ids_BT, positions_BT, cfg.sliding_window)
+        probs = None
+        if cache is None and not return_probs:
+            out_BTHK = attend(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT, cfg)
         else:
-            cache, k_BTGK, v_BTGK, mask = update_kv_cache(cache, cache_index, k_BTGK, v_BTGK, segment_ids_BT,
-                                                          cfg.sliding_window)
-        out = softmax_attention(q_BTHK, k_BTGK, v_BTGK, mask, return_probs=return_probs)
-        out_BTHK, probs = out if return_probs else (out, None)
+            if cache is None:
+                mask = attention_mask_BTS(segment_ids_BT, positions_BT, cfg.sliding_window)
+            else:
+                cache, k_BTGK, v_BTGK, mask = update_kv_cache(cache, cache_index, k_BTGK, v_BTGK, segment_ids_BT,
+                                                              cfg.sliding_window)
+            out = softmax_attention(q_BTHK, k_BTGK, v_BTGK, mask, return_probs=return_probs)
+            out_BTHK, probs = out if return_probs else (out, None)
         if W:
             out_BTHK = out_BTHK * jax.nn.sigmoid(gate)
         y = proj(cfg.hidden_size, ("heads", "embed"), "o_proj")(out_BTHK.reshape(B, T, H * K).astype(dtype))

@@ -36,12 +36,15 @@ def param(module: nn.Module, name: str, init, shape: Sequence[int], dtype, axes:
     return module.param(name, with_axes(init, axes), tuple(shape), dtype)
 
 
-def dense(features: int, axes: tuple[str | None, str | None], *, dtype, param_dtype, std: float, name: str):
-    """A bias-free `nn.Dense` whose [in, out] kernel declares its logical axes, e.g. ("embed", "mlp")."""
+def dense(features: int, axes: tuple[str | None, str | None], *, dtype, param_dtype, std: float, name: str,
+          use_bias: bool = False, kernel_init=None):
+    """An `nn.Dense` whose [in, out] kernel declares its logical axes, e.g. ("embed", "mlp") (a bias, if any, takes
+    the output axis). `kernel_init` defaults to normal(std)."""
     if len(axes) != 2:
         raise ValueError(f"dense {name!r}: a kernel has 2 logical axes (in, out), got {axes}")
-    return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=with_axes(dense_init(std), axes), name=name)
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                    kernel_init=with_axes(kernel_init or dense_init(std), axes),
+                    bias_init=with_axes(nn.initializers.zeros_init(), axes[1:]), name=name)
 
 
 def dtypes(cfg):

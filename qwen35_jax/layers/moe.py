@@ -136,7 +136,7 @@ class MoE(nn.Module):
             args = (x_ND, weights_NK.astype(dtype), experts_NK, w_gate_up, w_down)
             if resolve_impl(cfg.moe_impl) == "pallas":
                 # Mosaic kernels cannot be partitioned by XLA: run per token shard, expert weights gathered
-                tokens, weights = ("batch", None), (None, None, None)
+                tokens, weights = ("tokens", None), (None, None, None)
                 (y_ND,) = shard_kernel(lambda *a: (local(*a),), args, (tokens, tokens, tokens, weights, weights),
                                        (tokens,))
             else:

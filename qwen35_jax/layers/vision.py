@@ -18,19 +18,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qwen35_jax.layers.common import accum_dtype, dense_init
+from qwen35_jax.layers.common import accum_dtype, dense_init, param, with_axes
 from qwen35_jax.layers.rope import rotate_half
 from qwen35_jax.vision_config import VisionConfig
 
 NEG_INF = -1e30
 
 
-def vision_rope_cos_sin(rowcol_N2, head_dim: int, theta: float):
-    """cos, sin [N, head_dim] fp32: angles (row * f, col * f) for f over head_dim / 4 frequencies, twice."""
+def vision_rope_cos_sin(rowcol_IN2, head_dim: int, theta: float):
+    """cos, sin [I, N, head_dim] fp32: angles (row * f, col * f) for f over head_dim / 4 frequencies, twice."""
     half = head_dim // 2
     inv_freq = 1.0 / (theta ** (jnp.arange(0, half, 2, dtype=jnp.float32) / half))
-    rc = rowcol_N2.astype(jnp.float32)
-    angles = jnp.concatenate([rc[:, :1] * inv_freq, rc[:, 1:2] * inv_freq], axis=-1)
+    rc = rowcol_IN2.astype(jnp.float32)
+    angles = jnp.concatenate([rc[..., :1] * inv_freq, rc[..., 1:2] * inv_freq], axis=-1)
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
 
@@ -44,8 +44,8 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         D = x.shape[-1]
-        w = self.param("scale", nn.initializers.ones, (D,), self.param_dtype)
-        b = self.param("bias", nn.initializers.zeros, (D,), self.param_dtype)
+        w = param(self, "scale", nn.initializers.ones, (D,), self.param_dtype, ("norm",))
+        b = param(self, "bias", nn.initializers.zeros, (D,), self.param_dtype, ("norm",))
         f = x.astype(accum_dtype(x.dtype))
         mean = jnp.mean(f, -1, keepdims=True)
         var = jnp.mean(jnp.square(f - mean), -1, keepdims=True)
@@ -53,8 +53,11 @@ class LayerNorm(nn.Module):
         return y.astype(x.dtype)
 
 
-def _dense(n, dtype, param_dtype, name, std=0.02):
-    return nn.Dense(n, use_bias=True, dtype=dtype, param_dtype=param_dtype, kernel_init=dense_init(std), name=name)
+def _dense(n, axes, dtype, param_dtype, name, std=0.02):
+    """nn.Dense with bias; the [in, out] kernel declares `axes`, the bias the output axis."""
+    return nn.Dense(n, use_bias=True, dtype=dtype, param_dtype=param_dtype,
+                    kernel_init=with_axes(dense_init(std), axes), bias_init=with_axes(nn.initializers.zeros, axes[1:]),
+                    name=name)
 
 
 class VisionBlock(nn.Module):
@@ -63,28 +66,30 @@ class VisionBlock(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_ND, cos_NK, sin_NK, mask_NN):
+    def __call__(self, x_IND, cos_INK, sin_INK, mask_INN):
         c = self.vcfg
-        N, D = x_ND.shape
+        I, N, D = x_IND.shape
         H, K = c.num_heads, c.head_dim
-        dense = lambda n, name: _dense(n, self.dtype, self.param_dtype, name)  # noqa: E731
-        h = LayerNorm(c.layer_norm_eps, self.param_dtype, name="norm1")(x_ND)
-        qkv = dense(3 * D, "qkv")(h.astype(self.dtype)).reshape(N, 3, H, K)
+        dense = lambda n, axes, name: _dense(n, axes, self.dtype, self.param_dtype, name)  # noqa: E731
+        h = LayerNorm(c.layer_norm_eps, self.param_dtype, name="norm1")(x_IND)
+        qkv = dense(3 * D, ("embed", "heads"), "qkv")(h.astype(self.dtype)).reshape(I, N, 3, H, K)
         acc = accum_dtype(self.dtype)
-        rot = lambda t: (t.astype(acc) * cos_NK[:, None] + rotate_half(t.astype(acc)) * sin_NK[:, None])  # noqa
-        q, k, v = rot(qkv[:, 0]).astype(self.dtype), rot(qkv[:, 1]).astype(self.dtype), qkv[:, 2]
-        logits = jnp.einsum("NHK,MHK->HNM", q, k, preferred_element_type=acc) * (K ** -0.5)
-        probs = jax.nn.softmax(jnp.where(mask_NN[None], logits, NEG_INF), axis=-1)
-        out = jnp.einsum("HNM,MHK->NHK", probs.astype(self.dtype), v, preferred_element_type=acc)
-        x_ND = x_ND + dense(D, "proj")(out.reshape(N, D).astype(self.dtype)).astype(x_ND.dtype)
-        h = LayerNorm(c.layer_norm_eps, self.param_dtype, name="norm2")(x_ND)
-        h = jax.nn.gelu(dense(c.intermediate_size, "fc1")(h.astype(self.dtype)), approximate=True)
-        x_ND = x_ND + dense(D, "fc2")(h).astype(x_ND.dtype)
-        return x_ND, None
+        cos, sin = cos_INK[:, :, None], sin_INK[:, :, None]
+        rot = lambda t: (t.astype(acc) * cos + rotate_half(t.astype(acc)) * sin).astype(self.dtype)  # noqa: E731
+        q, k, v = rot(qkv[:, :, 0]), rot(qkv[:, :, 1]), qkv[:, :, 2]
+        logits = jnp.einsum("INHK,IMHK->IHNM", q, k, preferred_element_type=acc) * (K ** -0.5)
+        probs = jax.nn.softmax(jnp.where(mask_INN[:, None], logits, NEG_INF), axis=-1)
+        out = jnp.einsum("IHNM,IMHK->INHK", probs.astype(self.dtype), v, preferred_element_type=acc)
+        y = dense(D, ("heads", "embed"), "proj")(out.reshape(I, N, D).astype(self.dtype))
+        x_IND = x_IND + y.astype(x_IND.dtype)
+        h = LayerNorm(c.layer_norm_eps, self.param_dtype, name="norm2")(x_IND)
+        h = jax.nn.gelu(dense(c.intermediate_size, ("embed", "mlp"), "fc1")(h.astype(self.dtype)), approximate=True)
+        x_IND = x_IND + dense(D, ("mlp", "embed"), "fc2")(h).astype(x_IND.dtype)
+        return x_IND, None
 
 
 class PatchMerger(nn.Module):
-    """[N, D] patches (2 x 2 blocks consecutive) -> [N / 4, out] tokens."""
+    """[..., N, D] patches (2 x 2 blocks consecutive) -> [..., N / 4, out] tokens."""
 
     vcfg: VisionConfig
     out_size: int
@@ -95,13 +100,16 @@ class PatchMerger(nn.Module):
     def __call__(self, x_ND):
         c = self.vcfg
         M = c.spatial_merge_size ** 2 * c.hidden_size
-        x = LayerNorm(c.layer_norm_eps, self.param_dtype, name="norm")(x_ND).reshape(-1, M).astype(self.dtype)
-        x = jax.nn.gelu(_dense(M, self.dtype, self.param_dtype, "fc1")(x), approximate=False)
-        return _dense(self.out_size, self.dtype, self.param_dtype, "fc2")(x)
+        x = LayerNorm(c.layer_norm_eps, self.param_dtype, name="norm")(x_ND)
+        x = x.reshape(x.shape[:-2] + (-1, M)).astype(self.dtype)
+        x = jax.nn.gelu(_dense(M, (None, "mlp"), self.dtype, self.param_dtype, "fc1")(x), approximate=False)
+        return _dense(self.out_size, ("mlp", "embed"), self.dtype, self.param_dtype, "fc2")(x)
 
 
 class VisionTower(nn.Module):
-    """Patches [N, patch_dim] + metadata -> merged vision tokens [N / merge^2, out_size] (fp32 accumulate)."""
+    """Patches [I, N, patch_dim] + metadata [I, N, ...] -> merged vision tokens [I * N / merge^2, out_size] (fp32
+    accumulate), in order. Attention stays inside one of the I groups (a training row; all of a prompt's images)
+    and, within it, inside one frame id."""
 
     vcfg: VisionConfig
     out_size: int
@@ -110,17 +118,19 @@ class VisionTower(nn.Module):
     init_std: float = 0.02
 
     @nn.compact
-    def __call__(self, pixels_NP, pos_taps_N4, pos_weights_N4, rowcol_N2, frame_N):
+    def __call__(self, pixels_INP, pos_taps_IN4, pos_weights_IN4, rowcol_IN2, frame_IN):
         c = self.vcfg
         acc = accum_dtype(self.dtype)
-        x = _dense(c.hidden_size, self.dtype, self.param_dtype, "patch_embed", self.init_std)(
-            pixels_NP.astype(self.dtype)).astype(acc)
-        table = self.param("pos_embed", dense_init(self.init_std), (c.num_position_embeddings, c.hidden_size),
-                           self.param_dtype)
-        x = x + jnp.sum(table[pos_taps_N4].astype(acc) * pos_weights_N4[..., None].astype(acc), axis=1)
-        cos, sin = vision_rope_cos_sin(rowcol_N2, c.head_dim, c.rope_theta)
-        mask = frame_N[:, None] == frame_N[None, :]
+        x = _dense(c.hidden_size, (None, "embed"), self.dtype, self.param_dtype, "patch_embed", self.init_std)(
+            pixels_INP.astype(self.dtype)).astype(acc)
+        table = param(self, "pos_embed", dense_init(self.init_std), (c.num_position_embeddings, c.hidden_size),
+                      self.param_dtype, (None, "embed"))
+        x = x + jnp.sum(table[pos_taps_IN4].astype(acc) * pos_weights_IN4[..., None].astype(acc), axis=-2)
+        cos, sin = vision_rope_cos_sin(rowcol_IN2, c.head_dim, c.rope_theta)
+        mask = frame_IN[:, :, None] == frame_IN[:, None, :]
         blocks = nn.scan(VisionBlock, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.depth)
+                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.depth,
+                         metadata_params={nn.PARTITION_NAME: "layers"})
         x, _ = blocks(c, self.dtype, self.param_dtype, name="blocks")(x, cos, sin, mask)
-        return PatchMerger(c, self.out_size, self.dtype, self.param_dtype, name="merger")(x).astype(acc)
+        y = PatchMerger(c, self.out_size, self.dtype, self.param_dtype, name="merger")(x).astype(acc)
+        return y.reshape(-1, self.out_size)

@@ -8,25 +8,27 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from pathlib import Path
+import tempfile
 
+import jax
 import orbax.checkpoint as ocp
 
-from qwen35_jax import hf
+from qwen35_jax import hf, paths
 from qwen35_jax.config import from_dict
 from qwen35_jax.errors import UserError
 
 
 def save_orbax_params(cfg, params, path) -> None:
-    path = Path(path).absolute()
+    path = paths.path(path)
+    path = path if paths.is_remote(path) else path.absolute()
     path.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path / "params", params, force=True)
-    (path / "model.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    paths.write_text(path / "model.json", json.dumps(dataclasses.asdict(cfg), indent=2))
 
 
 def read_model_config(path):
-    path = Path(path)
+    path = paths.path(path)
     if (path / "model.json").exists():
         return from_dict(json.loads((path / "model.json").read_text()), source=str(path / "model.json"))
     if (path / "config.json").exists():  # a run directory
@@ -34,21 +36,29 @@ def read_model_config(path):
     raise UserError(f"{path}: neither model.json (converted checkpoint) nor config.json (run directory)")
 
 
-def load_orbax_params(path):
-    """Params (host arrays) from a converted folder (`params/`) or a run directory (newest checkpoint's params)."""
-    path = Path(path).absolute()
+def load_orbax_params(path, cfg=None, warn=print):
+    """Params from a converted folder (`params/`) or a run directory: the newest readable checkpoint's parameters
+    only (no optimizer moments), with the training run's fallback past a corrupt newest step (nothing moved)."""
+    from qwen35_jax.model import init_params
+    from qwen35_jax.train.checkpoint import Checkpointer
+
+    path = paths.path(path)
+    path = path if paths.is_remote(path) else path.absolute()
     if (path / "params").exists():
         with ocp.StandardCheckpointer() as ckptr:
             return ckptr.restore(path / "params")
     ckpt_dir = path / "checkpoints"
     if ckpt_dir.exists():
-        mngr = ocp.CheckpointManager(ckpt_dir)
-        step = mngr.latest_step()
-        if step is None:
+        cfg = cfg if cfg is not None else read_model_config(path)
+        shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+        ckpt = Checkpointer(ckpt_dir, read_only=True)
+        try:
+            restored = ckpt.restore_latest(shapes, warn=warn, params_only=True)
+        finally:
+            ckpt.close()
+        if restored is None:
             raise UserError(f"{ckpt_dir}: no checkpoints")
-        restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-        mngr.close()
-        return restored["state"]["params"]
+        return restored[1]
     raise UserError(f"{path}: no orbax parameters (expected params/ or checkpoints/)")
 
 
@@ -60,11 +70,16 @@ def convert_main(argv) -> int:
     parser.add_argument("--dtype", default="float32", help="parameter dtype to write (float32, bfloat16)")
     args = parser.parse_args(argv)
     if args.direction == "hf-to-orbax":
-        cfg, params = hf.load(args.src, dtype=args.dtype)
+        cfg, params = hf.load(paths.local_dir(args.src), dtype=args.dtype)
         save_orbax_params(cfg, params, args.dst)
     else:
         cfg = read_model_config(args.src)
-        params = load_orbax_params(args.src)
-        hf.save(cfg.replace(param_dtype=args.dtype), params, args.dst)
+        params = load_orbax_params(args.src, cfg)
+        if paths.is_remote(args.dst):  # safetensors are written locally, then uploaded
+            with tempfile.TemporaryDirectory(prefix="qwen35-convert-") as tmp:
+                hf.save(cfg.replace(param_dtype=args.dtype), params, tmp)
+                paths.upload_dir(tmp, args.dst)
+        else:
+            hf.save(cfg.replace(param_dtype=args.dtype), params, args.dst)
     print(f"wrote {args.dst}")
     return 0

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import base64
 import json
-from pathlib import Path
 
 import jax
 import numpy as np
 
+from qwen35_jax import paths
 from qwen35_jax.errors import UserError
 from qwen35_jax.train.config import TrainConfig
 
@@ -72,20 +72,43 @@ def train_iterator(tcfg: TrainConfig, tokenizer, data_state: dict | None) -> Tra
     from qwen35_jax.data.pipeline import make_dataset
 
     it = make_dataset(_data_spec(tcfg.data), tokenizer, seq_len=tcfg.seq_len, batch_size=tcfg.batch_size,
-                      seed=tcfg.seed, shuffle=True, num_epochs=None, num_workers=tcfg.num_workers)
+                      seed=tcfg.seed, shuffle=True, num_epochs=None, num_workers=tcfg.num_workers,
+                      vocab_size=tcfg.model_config().vocab_size)
     wrapped = TrainIterator(it)
     if data_state is not None:
         wrapped.set_state_json(data_state)
     return wrapped
 
 
+def _eval_spec(tcfg: TrainConfig) -> dict:
+    return _data_spec(tcfg.eval_data if tcfg.eval_data is not None else {**_data_spec(tcfg.data),
+                                                                          "split": "validation"})
+
+
+def validation_note(tcfg: TrainConfig) -> str | None:
+    """None when there is validation data, else why not (a one-document source has no validation split: the run
+    trains without validation rather than report a made-up loss). An explicit `eval_data` without documents, or
+    `data` with split 'all' (nothing held out) and no eval_data, is an error."""
+    from qwen35_jax.data.sources import document_source
+
+    if tcfg.eval_data is None and _data_spec(tcfg.data).get("split") == "all":
+        raise UserError(f"data {tcfg.data}: split 'all' trains on every document, so there is no validation "
+                        f"split; set eval_data, or split: train")
+    source = document_source(_eval_spec(tcfg))
+    if len(source):
+        return None
+    if tcfg.eval_data is not None:
+        raise UserError(f"eval_data {source.name}: no documents in split {source.spec.get('split', 'train')!r}")
+    return (f"no validation: {source.name} has {source.total_documents} document(s), too few to hold one out; "
+            f"validation is skipped (set eval_data to evaluate)")
+
+
 def eval_batches(tcfg: TrainConfig, tokenizer):
     """Global eval batches, the same on every process (like `train_iterator`)."""
     from qwen35_jax.data.pipeline import make_eval_dataset
 
-    spec = tcfg.eval_data if tcfg.eval_data is not None else {**_data_spec(tcfg.data), "split": "validation"}
-    it = make_eval_dataset(_data_spec(spec), tokenizer, seq_len=tcfg.seq_len, batch_size=tcfg.batch_size,
-                           num_batches=tcfg.eval_batches)
+    it = make_eval_dataset(_eval_spec(tcfg), tokenizer, seq_len=tcfg.seq_len, batch_size=tcfg.batch_size,
+                           num_batches=tcfg.eval_batches, vocab_size=tcfg.model_config().vocab_size)
     for i, batch in enumerate(it):
         if i >= tcfg.eval_batches:
             break
@@ -101,11 +124,12 @@ def to_global(batch: dict, sharding) -> dict:
 def load_init_params(path, model_cfg, shapes, shardings):
     """Start a run from a Hugging Face folder (config.json + safetensors) or orbax parameters (converted folder or a
     run directory); the tree and shapes must match the run's model."""
-    path = Path(path)
-    if (path / "config.json").exists() and any(path.glob("*.safetensors*")):
+    path = paths.path(path)
+    if (path / "config.json").exists() and paths.glob(f"{path}/*.safetensors*"):
         from qwen35_jax import hf
 
-        _, params = hf.load(path, dtype=model_cfg.param_dtype)
+        loaded_cfg, params = hf.load(paths.local_dir(path), dtype=model_cfg.param_dtype)
+        hf.check_same_model(model_cfg, loaded_cfg, path)  # names every differing field, not only shapes
     else:
         from qwen35_jax.train.convert import load_orbax_params
 

@@ -10,11 +10,11 @@ import argparse
 import json
 import signal
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 
+from qwen35_jax import paths
 from qwen35_jax.errors import UserError
 from qwen35_jax.schema import to_dict
 from qwen35_jax.train import data as train_data
@@ -69,7 +69,7 @@ def _config_record(tcfg: TrainConfig) -> dict:
     return json.loads(json.dumps(d))
 
 
-def _check_same_run(run_dir: Path, record: dict) -> None:
+def _check_same_run(run_dir, record: dict) -> None:
     saved = run_dir / "config.json"
     if not saved.exists():
         return
@@ -82,7 +82,7 @@ def _check_same_run(run_dir: Path, record: dict) -> None:
 
 
 def train(tcfg: TrainConfig) -> dict:
-    run_dir = Path(tcfg.run_dir)
+    run_dir = paths.path(tcfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
     record = _config_record(tcfg)
@@ -91,6 +91,7 @@ def train(tcfg: TrainConfig) -> dict:
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise UserError(f"tokenizer has {tokenizer.vocab_size} tokens but model {model_cfg.name!r} has vocab_size="
                         f"{model_cfg.vocab_size}; set model.vocab_size={tokenizer.vocab_size}")
+    val_note = train_data.validation_note(tcfg)  # None, or why this run has no validation data
 
     run = build_run(tcfg)
     mesh, shapes, p_shard, b_shard = run.mesh, run.param_shapes, run.param_shardings, run.batch_sharding
@@ -120,6 +121,8 @@ def train(tcfg: TrainConfig) -> dict:
     tel = Telemetry(run_dir, tcfg.steps, start_step, tcfg.tensorboard, enabled=is_main)
     tel.write(f"{model_cfg.name}: {sum(x.size for x in jax.tree.leaves(shapes)) / 1e6:.2f}M params, "
               f"{jax.device_count()} device(s), mesh {dict(mesh.shape)}, {tokens_per_step} tokens/step")
+    if val_note:
+        tel.write(val_note)
     stop = StopFlag().install()
     summary = {"start_step": start_step}
     last_log_time, last_log_step, compile_s = time.perf_counter(), start_step, None
@@ -155,7 +158,7 @@ def train(tcfg: TrainConfig) -> dict:
                 tel.log(step, scalars, {"loss": f"{float(out['loss']):.3f}", "tok/s": f"{tps:,.0f}",
                                         "mfu": f"{100 * tps * flops_per_token / peak:.1f}%"})
                 summary.update(loss=float(out["loss"]), tokens_per_s=tps)
-            if step % tcfg.eval_every == 0 or step == tcfg.steps:
+            if val_note is None and (step % tcfg.eval_every == 0 or step == tcfg.steps):
                 val = evaluate(tcfg, tokenizer, eval_fn, state["params"], b_shard)
                 tel.log(step, {"val_loss": val, "val_ppl": float(np.exp(val))})
                 tel.write(f"step {step}: validation loss {val:.4f} (perplexity {np.exp(val):.2f})")
@@ -192,7 +195,9 @@ def evaluate(tcfg, tokenizer, eval_fn, params, b_shard) -> float:
     for batch in train_data.eval_batches(tcfg, tokenizer):
         s, n = eval_fn(params, train_data.to_global(batch, b_shard))
         total, count = total + float(s), count + float(n)
-    return total / max(count, 1.0)
+    if count == 0:  # never a made-up 0.0
+        raise UserError(f"validation data {tcfg.eval_data or tcfg.data}: no tokens to score (every document empty?)")
+    return total / count
 
 
 def train_main(argv) -> int:
@@ -221,19 +226,35 @@ def eval_main(argv) -> int:
     parser = argparse.ArgumentParser(prog="qwen35 eval", description="Score a run's newest checkpoint.")
     parser.add_argument("run_dir")
     parser.add_argument("overrides", nargs="*", help="e.g. eval_data='{kind: text, path: notes/}' eval_batches=16")
+    parser.add_argument("--mtp-acceptance", type=int, default=0, metavar="K",
+                        help="also measure teacher-forced MTP acceptance for K chained drafts (mtp_acceptance.py); "
+                             "run_dir may then be a Hugging Face folder")
     args = parser.parse_intermixed_args(argv)
-    run_dir = Path(args.run_dir)
+    run_dir = paths.path(args.run_dir)
+    if args.mtp_acceptance and paths.glob(f"{run_dir}/*.safetensors*"):  # a Hugging Face folder
+        from qwen35_jax import mtp_acceptance
+
+        print(json.dumps(mtp_acceptance.hf_eval_main(paths.local_dir(run_dir), args.overrides, args.mtp_acceptance)))
+        return 0
     tcfg = run_config(run_dir, args.overrides)  # config.json, read in place (nothing is written to the run)
     tokenizer = train_data.tokenizer_for(tcfg)
+    note = train_data.validation_note(tcfg)
+    if note:
+        raise UserError(note)
     run = build_run(tcfg)
-    ckpt = Checkpointer(run_dir / "checkpoints", keep=tcfg.keep_checkpoints)
-    restored = ckpt.restore_latest(abstract_like(run.state_shapes, run.state_shardings))
+    ckpt = Checkpointer(run_dir / "checkpoints", read_only=True)
+    restored = ckpt.restore_latest(run.abstract_params(), params_only=True)  # no optimizer moments
     ckpt.close()
     if restored is None:
         raise UserError(f"{run_dir}: no checkpoints to evaluate")
-    step, state, _, _ = restored
-    val = evaluate(tcfg, tokenizer, run.eval_step, state["params"], run.batch_sharding)
+    step, params, _, _ = restored
+    val = evaluate(tcfg, tokenizer, run.eval_step, params, run.batch_sharding)
     result = {"step": step, "val_loss": val, "val_ppl": float(np.exp(val))}
+    if args.mtp_acceptance:
+        from qwen35_jax import mtp_acceptance
+
+        result["mtp_acceptance"] = mtp_acceptance.measure(tcfg.model_config(), params,
+                                                          train_data.eval_batches(tcfg, tokenizer), args.mtp_acceptance)
     print(json.dumps(result))
     return 0
 

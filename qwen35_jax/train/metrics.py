@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import math
 import time
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 from tqdm import tqdm
+
+from qwen35_jax import paths
 
 # Dense bf16 peak per device (TFLOP/s), from the vendors' published numbers (kernels.md).
 PEAK_TFLOPS = {"TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v5": 459.0,
@@ -50,14 +50,19 @@ def _json_value(v):
 class Telemetry:
     """Writes one JSON object per logged step; mirrors scalars to TensorBoard; drives the progress bar."""
 
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int, tensorboard: bool, enabled: bool = True):
+    SYNC_S = 30.0  # remote run dirs: metrics.jsonl and the event files reach the bucket at least this often
+
+    def __init__(self, run_dir, total_steps: int, start_step: int, tensorboard: bool, enabled: bool = True):
         self.enabled = enabled
-        self.jsonl = open(run_dir / "metrics.jsonl", "a") if enabled else None
-        self.tb = None
+        run_dir = paths.path(run_dir)
+        self.jsonl = paths.AppendLog(run_dir / "metrics.jsonl", sync_s=self.SYNC_S) if enabled else None
+        self.tb = self.tb_dir = None
+        self._last_sync = time.monotonic()
         if tensorboard and enabled:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            self.tb_dir = paths.MirroredDir(run_dir / "tensorboard")
+            self.tb = SummaryWriter(self.tb_dir.local)
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not enabled, dynamic_ncols=True,
                         unit="step", smoothing=0.1)
 
@@ -69,11 +74,14 @@ class Telemetry:
             return
         record = {"step": step, **{k: _json_value(v) for k, v in scalars.items()}}
         self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
         if self.tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, float) and math.isfinite(v):
                     self.tb.add_scalar(k, v, step)
+            if self.tb_dir.remote and time.monotonic() - self._last_sync >= self.SYNC_S:
+                self.tb.flush()
+                self.tb_dir.sync()
+                self._last_sync = time.monotonic()
         if postfix:
             self.bar.set_postfix(postfix, refresh=False)
 
@@ -87,3 +95,4 @@ class Telemetry:
             self.jsonl.close()
             if self.tb is not None:
                 self.tb.close()
+                self.tb_dir.close()

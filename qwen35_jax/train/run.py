@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from qwen35_jax import paths
 from qwen35_jax.config import ModelConfig
 from qwen35_jax.errors import UserError
 from qwen35_jax.model import abstract_params, init_params
@@ -57,8 +57,10 @@ class Run:
 
     def abstract_batch(self) -> dict:
         shape = (self.tcfg.batch_size, self.tcfg.seq_len)
-        return {k: jax.ShapeDtypeStruct(shape, np.float32 if k == "loss_mask" else np.int32,
-                                        sharding=self.batch_sharding) for k in BATCH_KEYS}
+        batch = {k: jax.ShapeDtypeStruct(shape, np.float32 if k == "loss_mask" else np.int32,
+                                         sharding=self.batch_sharding) for k in BATCH_KEYS}
+        extra = vision_batch(self.tcfg, self.model_cfg)
+        return {**batch, **_with_shardings(extra, vision_batch_shardings(extra, self.mesh, self.tcfg.batch_size))}
 
     def init_state(self, key=None):
         """Fresh parameters and optimizer state, created sharded (seed: tcfg.seed)."""
@@ -75,6 +77,21 @@ class Run:
         """The train step lowered for `state` and `batch` (default: the abstract ones)."""
         return self.train_step.lower(self.abstract_state() if state is None else state,
                                      self.abstract_batch() if batch is None else batch)
+
+
+def vision_batch(tcfg, model_cfg) -> dict:
+    """A model with a vision tower trains on image-text rows: [B, 3, T] mRoPE positions and per-row vision arrays
+    (data/multimodal.py) join the batch; {} for a text model."""
+    if model_cfg.vision is None:
+        return {}
+    from qwen35_jax.data.multimodal import vision_batch_shapes
+
+    spec = tcfg.data if isinstance(tcfg.data, dict) else {}
+    return vision_batch_shapes(model_cfg.vision, tcfg.batch_size, tcfg.seq_len, spec.get("image_size"))
+
+
+def vision_batch_shardings(extra: dict, mesh, batch_size: int) -> dict:
+    return jax.tree.map(lambda s: batch_sharding(mesh, len(s.shape), batch_size=batch_size), extra)
 
 
 def _with_shardings(shapes, shardings):
@@ -103,6 +120,7 @@ def build_run(tcfg: TrainConfig, devices=None) -> Run:
     s_shard = state_shardings(state_shapes, p_shard, mesh)
     b_shard = batch_sharding(mesh, 2, batch_size=tcfg.batch_size)
     batch_shardings = {k: b_shard for k in BATCH_KEYS}
+    batch_shardings.update(vision_batch_shardings(vision_batch(tcfg, model_cfg), mesh, tcfg.batch_size))
     train_step = jax.jit(_under_mesh(make_train_step(model_cfg, tcfg, tx, lr_schedule), mesh),
                          in_shardings=(s_shard, batch_shardings), out_shardings=(s_shard, replicated(mesh)),
                          donate_argnums=0)
@@ -113,7 +131,7 @@ def build_run(tcfg: TrainConfig, devices=None) -> Run:
 
 def run_config(run_dir, overrides=()) -> TrainConfig:
     """The TrainConfig a run directory was trained with (its config.json), plus overrides."""
-    cfg_file = Path(run_dir) / "config.json"
+    cfg_file = paths.path(run_dir) / "config.json"
     if not cfg_file.exists():
         raise UserError(f"{run_dir}: no config.json (not a qwen35 run directory)")
     try:

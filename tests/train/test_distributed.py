@@ -26,8 +26,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(settings, run_dir, log, devices, distributed=()):
+def launch(settings, run_dir, log, devices, distributed=(), cache_dir=None):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"{XLA_FLAGS}{devices}"}
+    if cache_dir:  # a rerun of the same program loads it instead of compiling again
+        env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     args = [sys.executable, "-m", "qwen35_jax.cli", "train", *overrides(settings, run_dir=str(run_dir))]
     if distributed:
         coordinator, count, index = distributed
@@ -77,3 +80,55 @@ def test_two_processes_equal_one_process(micro, tmp_path):
     assert [p.name for p in (multi / "checkpoints").iterdir() if p.name.isdigit()] == ["4"]
     # the sample runs on every process (fsdp-sharded parameters need both in its collectives); process 0 writes it
     assert (multi / "sample.txt").read_text().strip()
+
+
+def last_rows(run_dir):
+    """step -> the last logged row of that step (a resumed run logs the steps after its checkpoint again)."""
+    rows = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            rows[r["step"]] = r
+    return rows
+
+
+def test_kill_both_processes_and_resume_gives_the_uninterrupted_losses(micro, tmp_path):
+    """SIGKILL both processes of a two-process run once a checkpoint is committed, rerun them: the resumed run
+    starts from that checkpoint and every step's loss equals an uninterrupted run's."""
+    steps = 40
+    settings = {**micro, **MODEL, "mesh": {"fsdp": 2}, "steps": steps, "log_every": 1, "eval_every": 1000,
+                "checkpoint_every": 4, "sample_tokens": 0}
+    ref_dir, run_dir = tmp_path / "reference", tmp_path / "killed"
+    ref = launch(settings, ref_dir, tmp_path / "reference.log", devices=2)
+
+    def two_processes(tag):
+        coordinator = f"localhost:{free_port()}"
+        return {i: launch(settings, run_dir, tmp_path / f"{tag}{i}.log", devices=1, distributed=(coordinator, 2, i),
+                          cache_dir=tmp_path / "jax-cache")
+                for i in range(2)}
+
+    procs = two_processes("first")
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while time.monotonic() < deadline and all(p.poll() is None for p in procs.values()):
+            ckpts = run_dir / "checkpoints"
+            if ckpts.exists() and any(p.name.isdigit() and int(p.name) >= 4 for p in ckpts.iterdir()):
+                break
+            time.sleep(0.02)
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait()
+    assert not (run_dir / "summary.json").exists(), "the run finished before it was killed"
+    procs = two_processes("resume")
+    wait_all({**procs, "reference": ref}, TIMEOUT_S)
+    for name, p in {**procs, "reference": ref}.items():
+        assert p.returncode == 0, f"{name} exited with {p.returncode}:\n{p.log.read_text()[-3000:]}"
+    out = procs[0].log.read_text()
+    resumed_from = int(out.split(f"resuming {run_dir} from step ")[1].split()[0])
+    assert 4 <= resumed_from < steps
+    want, got = last_rows(ref_dir), last_rows(run_dir)
+    assert sorted(got) == sorted(want) == list(range(1, steps + 1))
+    for s in want:
+        assert got[s]["loss"] == pytest.approx(want[s]["loss"], rel=1e-5, abs=0), s
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"

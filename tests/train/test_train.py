@@ -117,3 +117,37 @@ def test_nonfinite_loss_is_reported_with_its_step(micro, tmp_path, policy):
         assert summary["status"] == "completed" and summary["step"] == 4
     events = [json.loads(line) for line in log.splitlines() if "nonfinite" in line]
     assert events and events[0]["step"] == 2 and events[0]["nonfinite"] == 1
+
+
+def test_generate_and_convert_restore_parameters_only_past_a_corrupt_newest(full_run, tmp_path, capsys):
+    """`generate RUN_DIR` and `convert orbax-to-hf RUN_DIR` read the newest readable checkpoint's parameters (no
+    optimizer state), report a corrupt newest one in a line, use the previous one, and move nothing."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from qwen35_jax import hf
+    from qwen35_jax.generate_cli import load_source
+    from qwen35_jax.train.convert import convert_main
+
+    src, _ = full_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(src, run_dir)
+    for f in (run_dir / "checkpoints" / "12" / "state").rglob("*"):
+        if f.is_file() and f.parent.name == "d":  # array data only: the metadata still reads
+            f.write_bytes(b"garbage")
+    with ocp.StandardCheckpointer() as c:  # orbax's own full restore of step 8, the expected parameters
+        expected = c.restore((run_dir / "checkpoints" / "8" / "state").absolute())["params"]
+
+    cfg, params, tokenizer = load_source(str(run_dir))
+    err = capsys.readouterr().err
+    assert err.count("is corrupt or partial") == 1 and "/checkpoints/12 is corrupt" in err
+    assert jax.tree.structure(params) == jax.tree.structure(expected)  # parameters only, no AdamW moments
+    assert all((a == b).all() for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(expected)))
+    assert tokenizer.vocab_size == cfg.vocab_size
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == ["12", "4", "8"]
+    assert not (run_dir / "checkpoints.corrupt").exists()
+
+    assert convert_main(["orbax-to-hf", str(run_dir), str(tmp_path / "hf")]) == 0
+    assert "/checkpoints/12 is corrupt" in capsys.readouterr().out
+    _, back = hf.load(tmp_path / "hf")
+    assert all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(expected)))
