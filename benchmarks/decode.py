@@ -7,9 +7,17 @@ decoding on a trained run (acceptance rate and speed-up over plain greedy decodi
     cache read that grows with context in attention layers.
 (b) With `--run DIR` (default runs/default, the embedded default's trained run, when present): greedy generation of
     `--new-tokens` tokens after a few code prompts, plain and with MTP drafts (k = 1, 2, 3), reporting tokens/s,
-    the speed-up, the acceptance rate and tokens per verify step. Greedy speculative output is checked equal to plain.
-    The contenders alternate `--repeats` times; tokens/s and the speed-up are medians (the machine may be shared).
-    `--skip-context` runs only this part.
+    the speed-up, the acceptance rate, acceptance per draft position (draft i accepted given drafts 1..i-1 were)
+    and tokens per verify step. Greedy speculative output is checked equal to plain. The contenders alternate
+    `--repeats` times; tokens/s and the speed-up are medians of per-repeat ratios (the machine may be shared).
+    `--skip-context` runs only the speculative parts.
+(c) The verify-cost and rollback ablation (the trained run's model, or `--model` when there is none): one compiled
+    plain decode step against, for each k, the verify forward over k+1 tokens as before (final GDN states only)
+    and after (checkpointed: the state after every position, the accepted one selected), the re-run of k+1
+    tokens that the old rollback paid after every rejection, and the whole compiled round now (verify, acceptance,
+    checkpoint selection, MTP head, next drafts). All in units of one plain step, interleaved medians.
+(d) `--bandwidth`: the same verify cost on a model whose fp32 weights (a few hundred MB) do not fit in the caches,
+    so that one decode step is dominated by reading the weights, as real models are on TPU/GPU.
 
     JAX_PLATFORMS=cpu .venv/bin/python benchmarks/decode.py --out decode.json
 """
@@ -17,6 +25,7 @@ decoding on a trained run (acceptance rate and speed-up over plain greedy decodi
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -78,11 +87,13 @@ def mtp_table(args) -> list[dict]:
     for k in ks:  # compile (every prompt fits one bucket: same shapes)
         generate(cfg, params, [prompts[0]], max_new_tokens=args.new_tokens, **spec[k])
     tps, runs = {k: [] for k in ks}, {}
+    print(f"load average before: {os.getloadavg()}", flush=True)
     for _ in range(args.repeats):
         for k in ks:
             runs[k] = [generate(cfg, params, [p], max_new_tokens=args.new_tokens, **spec[k]) for p in prompts]
             tps[k].append(sum(r.stats["new_tokens"] - 1 for r in runs[k]) / sum(r.stats["decode_s"] for r in runs[k]))
     rows = []
+    print(f"load average after: {os.getloadavg()}", flush=True)
     for k in ks:
         row = {"decoding": f"MTP k={k}" if k else "plain greedy", "tokens/s": round(statistics.median(tps[k]), 1),
                "speed-up": round(statistics.median(a / b for a, b in zip(tps[k], tps[0])), 2)}
@@ -93,9 +104,79 @@ def mtp_table(args) -> list[dict]:
             row["acceptance"] = round(sum(r.stats["acceptance_rate"] * r.stats["rounds"] for r in runs[k]) / rounds, 3)
             row["tokens/step"] = round(sum(r.stats["tokens_per_round"] * r.stats["rounds"] for r in runs[k]) / rounds,
                                        2)
+            per_pos = np.mean([r.stats["acceptance_per_position"] for r in runs[k]], axis=0)  # prompts weigh equally
+            row["acceptance per position"] = " / ".join(f"{x:.2f}" for x in per_pos)
         rows.append(row)
         print(row, flush=True)
     return rows
+
+
+def spec_cost_table(cfg, params, ks, repeats: int) -> list[dict]:
+    """(c) and (d): per k, costs in plain decode steps (see the module docstring); batch 1, interleaved medians."""
+    from benchmarks.common import interleaved, paired_ratio
+    from qwen35_jax.generation import _speculative_programs
+    from qwen35_jax.model import checkpoint_cache, forward_cached, select_checkpoint
+
+    rng = np.random.default_rng(0)
+    P = 64
+    prompt = rng.integers(0, cfg.vocab_size, (1, P)).astype(np.int32)
+    cache = init_cache(cfg, 1, P + 16)
+    _, _, cache = jax.jit(lambda p, t, c: forward_cached(cfg, p, t, c, logits_at="last"))(params, prompt, cache)
+    step = jax.jit(lambda p, t, c: jnp.argmax(forward_cached(cfg, p, t, c)[0], -1))
+    fns = {"step": lambda: step(params, prompt[:, :1], cache)}
+    for k in ks:
+        toks = prompt[:, :k + 1]
+
+        @jax.jit
+        def verify_before(p, t, c):  # final states only (the recurrent scan), the pre-checkpoint verify forward
+            logits, _, c = forward_cached(cfg, p, t, c)
+            return jnp.argmax(logits, -1), c
+
+        @jax.jit
+        def rerun(p, t, c):  # the old rollback: the accepted prefix again, rejected tail as padding
+            keep = (jnp.arange(t.shape[1]) == 0).astype(jnp.int32)[None]
+            return forward_cached(cfg, p, t, c, segment_ids=keep)[2]
+
+        @jax.jit
+        def verify_after(p, t, c):  # checkpointed: every position's state, one selected
+            logits, _, c = forward_cached(cfg, p, t, checkpoint_cache(c))
+            return jnp.argmax(logits, -1), select_checkpoint(c, jnp.zeros((1,), jnp.int32))
+
+        fns[f"verify before k={k}"] = lambda t=toks, f=verify_before: f(params, t, cache)
+        fns[f"re-run k={k}"] = lambda t=toks, f=rerun: f(params, t, cache)
+        fns[f"verify after k={k}"] = lambda t=toks, f=verify_after: f(params, t, cache)
+        if cfg.mtp_num_layers:
+            from qwen35_jax.model import init_mtp_cache
+
+            start, verify_round, _ = _speculative_programs(cfg, Sampling(), k)
+            c, m = init_cache(cfg, 1, P + 16), init_mtp_cache(cfg, 1, P + 16)
+            y, d, lq, c, m = start(params, prompt, np.ones_like(prompt), np.arange(P, dtype=np.int32)[None], c, m,
+                                   jax.random.key(0))
+            n = jnp.asarray([P], jnp.int32)
+            fns[f"round after k={k}"] = lambda y=y, d=d, lq=lq, c=c, m=m, f=verify_round: f(
+                params, c, m, y, d, lq, n, jax.random.key(1))
+    times = interleaved(fns, warmup=2, steps=repeats)
+    rows = []
+    for k in ks:
+        cost = {name: paired_ratio(times["step"], times[f"{name} k={k}"]) for name in
+                ("verify before", "re-run", "verify after", "round after") if f"{name} k={k}" in times}
+        row = {"k": k, "step ms": round(1e3 * times["step"]["median_s"], 3),
+               "verify before (steps)": round(cost["verify before"], 2),
+               "re-run rollback (steps)": round(cost["re-run"], 2),
+               "verify after, checkpointed (steps)": round(cost["verify after"], 2)}
+        if "round after" in cost:
+            row["whole round after (steps)"] = round(cost["round after"], 2)
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def bandwidth_cfg(args):
+    """A dense hybrid large enough that a decode step reads more weights than the CPU caches hold."""
+    return load_config("tiny", vocab_size=16000, hidden_size=1024, num_layers=8, num_heads=8, num_kv_heads=2,
+                       head_dim=128, gdn_num_key_heads=4, gdn_num_value_heads=8, gdn_key_dim=128, gdn_value_dim=128,
+                       num_experts=0, intermediate_size=3072, tie_word_embeddings=False, mtp_num_layers=0,
+                       dtype="float32", max_position_embeddings=4096)
 
 
 def table(rows: list[dict]) -> str:
@@ -113,18 +194,42 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--draft-tokens", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip-context", action="store_true", help="only the MTP table")
+    parser.add_argument("--skip-context", action="store_true", help="only the speculative tables")
+    parser.add_argument("--skip-throughput", action="store_true", help="no plain-vs-MTP tokens/s table")
+    parser.add_argument("--cost-repeats", type=int, default=15)
+    parser.add_argument("--bandwidth", action="store_true", help="add the bandwidth-bound verify-cost case")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     result = {"environment": environment()}
     if not args.skip_context:
         result["context"] = context_table(args)
         print(table(result["context"]))
-    if Path(args.run, "checkpoints").exists():
+    trained = Path(args.run, "checkpoints").exists()
+    if trained and not args.skip_throughput:
         result["mtp"] = mtp_table(args)
         print(table(result["mtp"]))
-    else:
+    elif not trained:
         print(f"(no trained run at {args.run}: skipping the MTP table; run `make train` first)")
+    if trained:
+        from qwen35_jax.generate_cli import load_source
+
+        cfg, params, _ = load_source(args.run)
+        cfg = cfg.replace(dtype="float32")
+    else:
+        cfg = load_config(args.model, dtype="float32")
+        params = init_params(cfg, jax.random.key(0))
+    print(f"verify cost ({cfg.name}), load average {os.getloadavg()}", flush=True)
+    result["verify_cost"] = spec_cost_table(cfg, params, args.draft_tokens, args.cost_repeats)
+    print(table(result["verify_cost"]))
+    if args.bandwidth:
+        cfg = bandwidth_cfg(args)
+        params = init_params(cfg, jax.random.key(0))
+        mb = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)) / 2 ** 20
+        print(f"bandwidth-bound model: {mb:.0f} MiB of fp32 weights, load average {os.getloadavg()}", flush=True)
+        result["bandwidth"] = {"weights_mib": round(mb), "rows": spec_cost_table(cfg, params, args.draft_tokens,
+                                                                                 args.cost_repeats)}
+        print(table(result["bandwidth"]["rows"]))
+    result["load_avg_end"] = os.getloadavg()
     if args.out:
         write_json(args.out, result)
     return 0

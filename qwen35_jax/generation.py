@@ -4,14 +4,16 @@ Prefill runs the prompt through the chunked Gated DeltaNet path and fills the KV
 states. Decoding runs `chunk` steps per compiled call (a `lax.scan` of single-token steps on the recurrent GDN
 path), so the host only wakes up to stream text and check stop tokens between chunks.
 
-Speculative decoding (`speculative="mtp"`, batch 1): the MTP head drafts `draft_tokens` tokens, the main model
+Speculative decoding (`speculative="mtp"`, any batch): the MTP head drafts `draft_tokens` tokens, the main model
 verifies them in one pass. Greedy output is identical to plain greedy; sampling uses the standard acceptance rule
 (accept a draft with probability min(1, p/q), otherwise sample from the normalised residual max(p - q, 0)), so it
-samples exactly from the main model's (filtered) distribution. A rejected suffix is rolled back by re-running the
-accepted prefix from the pre-verify cache with the rejected positions marked as padding (the GDN state and conv
-window skip padding; the KV caches never attend to it). Rounds run on device like plain decoding's steps: up to
-`chunk` rounds per compiled `lax.while_loop` with fixed shapes (k+1 verify positions; the accepted count, the
-output write index and the stop condition are traced), so the host wakes up only to stream each chunk's tokens.
+samples exactly from the main model's (filtered) distribution. No token runs twice: the verify pass keeps the Gated
+DeltaNet state and conv window after every verified position (the checkpointed cache layout, `checkpoint_cache`),
+rollback selects each row's checkpoint at its accepted position, and the KV caches (the main model's and the MTP
+head's) roll back by per-row index. Rounds run on device like plain decoding's steps: up to `chunk` rounds per
+compiled `lax.while_loop` with fixed shapes (k+1 verify positions; the accepted counts, per-row output write
+indices and stop conditions are traced), so the host wakes up only to stream each chunk's tokens. Prefill (plain and
+speculative) runs the LM head on the last prompt position only.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ import numpy as np
 from qwen35_jax.config import ModelConfig
 from qwen35_jax.errors import UserError
 from qwen35_jax.multimodal import prepare_vision
-from qwen35_jax.model import forward_cached, init_cache, init_mtp_cache, mtp_forward_cached
+from qwen35_jax.model import (checkpoint_cache, forward_cached, init_cache, init_mtp_cache, mtp_forward_cached,
+                              select_checkpoint)
 
 PROMPT_BUCKET = 32  # prompts are left-padded to a multiple of this (fewer prefill compiles)
 
@@ -122,7 +125,7 @@ def _programs(cfg: ModelConfig, s: Sampling, chunk: int):
     @jax.jit
     def prefill(params, tokens, seg, pos, cache, key, vision=None):
         logits, hidden, cache = forward_cached(cfg, params, tokens, cache, segment_ids=seg, positions=pos,
-                                               vision=vision)
+                                               vision=vision, logits_at="last")  # [B, 1, V]: never [B, T, V]
         return sample(logits[:, -1], key, s), logits, hidden, cache
 
     @jax.jit
@@ -147,7 +150,9 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
     """Generates up to `max_new_tokens` after each prompt (a list of token-id lists; batched, any lengths).
 
     `on_tokens(new_tokens_per_prompt)` is called as tokens become available (streaming). Rows stop at the first
-    token in `stop_tokens`. `speculative="mtp"` drafts `draft_tokens` tokens per step with the MTP head (batch 1).
+    token in `stop_tokens`. `speculative="mtp"` drafts `draft_tokens` tokens per step with the MTP head (batched:
+    rows accept different numbers of drafts). Stats with speculation: rounds, acceptance_rate, acceptance_per_position
+    (draft i accepted given drafts 1..i-1 were), tokens_per_round (tokens per main-model verify step).
     `chunk` is the number of decode steps (speculative: draft-verify rounds) per compiled call.
     Images / videos (`pixel_values`, `image_grid_thw`, ... as in `forward`, in prompt order) fill the prompts'
     placeholder tokens; decoding continues the mRoPE positions after the largest prompt position.
@@ -160,13 +165,11 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
     if speculative:
         if pixel_values is not None or pixel_values_videos is not None:
             raise UserError("speculative decoding does not take image or video inputs yet; use plain decoding")
-        if len(prompts) != 1:
-            raise UserError(f"speculative decoding runs one prompt at a time, got {len(prompts)}")
         if not cfg.mtp_num_layers:
             raise UserError(f"model {cfg.name!r} has no MTP head (mtp_num_layers=0): cannot draft with MTP")
         if draft_tokens < 1:
             raise UserError(f"draft_tokens must be >= 1, got {draft_tokens}")
-        return _generate_speculative(cfg, params, prompts[0], max_new_tokens, s, tuple(stop_tokens), seed,
+        return _generate_speculative(cfg, params, prompts, max_new_tokens, s, tuple(stop_tokens), seed,
                                      draft_tokens, chunk, on_tokens)
     stop = set(int(t) for t in stop_tokens)
     tokens, seg, pos = _left_pad(prompts, PROMPT_BUCKET)
@@ -214,153 +217,193 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
                                   "tokens_per_s": (new_tokens - B) / decode_s if decode_s > 0 else 0.0})
 
 
+def _draw(logits_BV, key, s: Sampling):
+    """A draft token per row and its draft log-probabilities [B, V] (greedy: [B, 0], the rule needs none)."""
+    if s.temperature == 0:
+        return jnp.argmax(logits_BV, -1).astype(jnp.int32), jnp.zeros(logits_BV.shape[:-1] + (0,), jnp.float32)
+    logq = filtered_log_probs(logits_BV, s)
+    return jax.random.categorical(key, logq, axis=-1).astype(jnp.int32), logq
+
+
+def accept(logits_BKV, drafts_BK, logq_BKV, key, s: Sampling):
+    """The acceptance rule over k drafts per row. `logits [B, k+1, V]`: the main model after the pending token and
+    after each draft. Returns (accepted count a [B] in 0..k, the main model's token after the accepted prefix [B]).
+
+    Greedy: the longest prefix of drafts equal to the main model's argmax, then its argmax. Sampling: draft i is
+    accepted with probability min(1, p/q); the first rejected position samples the normalised residual
+    max(p - q, 0), and when all k are accepted the bonus token samples p: exactly the main model's distribution.
+    """
+    k = drafts_BK.shape[1]
+    if s.temperature == 0:
+        target = jnp.argmax(logits_BKV, -1).astype(jnp.int32)  # [B, k+1]
+        a = jnp.sum(jnp.cumprod((drafts_BK == target[:, :k]).astype(jnp.int32), axis=1), axis=1)
+        return a, jnp.take_along_axis(target, a[:, None], 1)[:, 0]
+    ku, kr = jax.random.split(key)
+    logp = filtered_log_probs(logits_BKV, s)  # [B, k+1, V]
+    p_d = jnp.take_along_axis(logp[:, :k], drafts_BK[..., None], 2)[..., 0]
+    q_d = jnp.take_along_axis(logq_BKV, drafts_BK[..., None], 2)[..., 0]
+    ok = jnp.log(jax.random.uniform(ku, drafts_BK.shape)) < p_d - q_d
+    a = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
+    p = jnp.exp(logp)
+    residual = jnp.concatenate([jnp.maximum(p[:, :k] - jnp.exp(logq_BKV), 0.0), p[:, k:]], 1)  # row k: bonus
+    row = jnp.take_along_axis(residual, a[:, None, None], 1)[:, 0]
+    p_a = jnp.take_along_axis(p, a[:, None, None], 1)[:, 0]
+    row = jnp.where(jnp.sum(row, -1, keepdims=True) > 0, row, p_a)  # p == q exactly: nothing to correct
+    return a, jax.random.categorical(kr, jnp.log(row), axis=-1).astype(jnp.int32)
+
+
 @functools.lru_cache(maxsize=16)
 def _speculative_programs(cfg: ModelConfig, s: Sampling, k: int, rounds: int = 16):
-    """Jitted programs for batch 1 with `k` drafts: `start` (prefill of the main model and the MTP head, first
-    drafts), `round_` (one draft-verify round) and `run_rounds` (up to `rounds` rounds in one compiled loop)."""
+    """Jitted programs with `k` drafts per row (any batch): `start` (prefill of the main model and the MTP head,
+    first drafts), `verify_round` (one draft-verify round) and `run_rounds` (up to `rounds` rounds in one compiled
+    loop). Caches carry per-row write indices [B] and the main cache is in the checkpointed layout."""
 
-    def draft_chain(params, u_1D, last_logits_1V, mtp_cache, pos, key):
-        """Drafts d_1 from `last_logits` and d_2..d_k by feeding the MTP hidden state back at positions pos, pos+1..
-        (cache slots beyond the committed index are scratch). Returns drafts [k] and their draft log-probs [k, V]."""
-        def draw(logits, key):
-            if s.temperature == 0:
-                return jnp.argmax(logits, -1).astype(jnp.int32), jax.nn.log_softmax(logits, -1)
-            logq = filtered_log_probs(logits, s)
-            return jax.random.categorical(key, logq).astype(jnp.int32), logq
-
+    def draft_chain(params, u_BD, logits_BV, mtp_cache, p_B, key):
+        """Drafts d_1 from `logits` and d_2..d_k by feeding the MTP hidden state back at positions p, p+1.. (the
+        chain's cache writes are scratch: the cache is not returned). Returns drafts [B, k], log-probs [B, k, V]."""
         keys = jax.random.split(key, k)
-        d, logq = draw(last_logits_1V[0], keys[0])
+        d, logq = _draw(logits_BV, keys[0], s)
+        if k == 1:
+            return d[:, None], logq[:, None]
 
         def step(carry, key):
             u, d, cache, p = carry
-            logits, u, cache = mtp_forward_cached(cfg, params, u, d[None, None], cache,
-                                                  positions=jnp.full((1, 1), p, jnp.int32))
-            nd, lq = draw(logits[0, 0], key)
+            logits, u, cache = mtp_forward_cached(cfg, params, u, d[:, None], cache, positions=p[:, None])
+            nd, lq = _draw(logits[:, 0], key, s)
             return (u, nd, cache, p + 1), (nd, lq)
 
-        if k == 1:
-            return d[None], logq[None]
-        _, (ds, lqs) = jax.lax.scan(step, (u_1D[:, None], d, mtp_cache, pos), keys[1:])
-        return jnp.concatenate([d[None], ds]), jnp.concatenate([logq[None], lqs])
+        _, (ds, lqs) = jax.lax.scan(step, (u_BD[:, None], d, mtp_cache, p_B), keys[1:], unroll=True)
+        return jnp.concatenate([d[:, None], ds.T], 1), jnp.concatenate([logq[:, None], jnp.moveaxis(lqs, 0, 1)], 1)
 
     @jax.jit
     def start(params, tokens, seg, pos, cache, mtp_cache, key):
-        """Prefill the main model and the MTP head; returns the pending token, drafts and caches."""
+        """Prefill the main model and the MTP head (LM head on the last position only); returns the pending token
+        y [B] (not yet in the main cache), drafts, their log-probs and the caches."""
         k1, k2 = jax.random.split(key)
-        logits, hidden, cache = forward_cached(cfg, params, tokens, cache, segment_ids=seg, positions=pos)
-        y = sample(logits[:, -1], k1, s)  # the first new token (pending: not yet in the main cache)
+        B, P = tokens.shape
+        logits, hidden, cache = forward_cached(cfg, params, tokens, cache, segment_ids=seg, positions=pos,
+                                               logits_at="last")
+        y = sample(logits[:, 0], k1, s)
         nxt = jnp.concatenate([tokens[:, 1:], y[:, None]], axis=1)
         mlogits, u, mtp_cache = mtp_forward_cached(cfg, params, hidden, nxt, mtp_cache, segment_ids=seg,
-                                                   positions=pos)
-        n = pos[0, -1] + 1  # committed length (the pending token's position)
-        drafts, logq = draft_chain(params, u[:, -1], mlogits[:, -1], mtp_cache, n, k2)
-        return y[0], drafts, logq, cache, mtp_cache
+                                                   positions=pos, logits_at="last")
+        per_row = jnp.full((B,), P, jnp.int32)
+        cache = dict(checkpoint_cache(cache), index=per_row)
+        mtp_cache = dict(mtp_cache, index=per_row)
+        drafts, logq = draft_chain(params, u[:, -1], mlogits[:, 0], mtp_cache, pos[:, -1] + 1, k2)
+        return y, drafts, logq, cache, mtp_cache
 
-    def verify(params, cache, mtp_cache, y, drafts, logq, n, key):
-        """Verify [y, d_1..d_k] at positions n..n+k. Returns the tokens that follow each verified one [k+1] (the
-        first a+1 are new: d_1..d_a and the main model's next token), a, the next pending token, the next drafts
-        and caches (rolled back to position n+a)."""
-        kv, kr, kd = jax.random.split(key, 3)
-        toks = jnp.concatenate([y[None], drafts])[None]  # [1, k+1]
-        positions = (n + jnp.arange(k + 1, dtype=jnp.int32))[None]
-        index0 = cache["index"]
+    def verify_round(params, cache, mtp_cache, y, drafts, logq, n, key):
+        """Verify [y, d_1..d_k] at positions n..n+k [B] in one pass that keeps the Gated DeltaNet state after every
+        position; roll back by selecting each row's checkpoint at its accepted position (KV caches: by index), so
+        no token runs twice. Returns the tokens that follow each verified one [B, k+1] (the first a+1 are new:
+        d_1..d_a and the main model's next token), a [B], the next pending token, next drafts and the caches."""
+        kv, kd = jax.random.split(key)
+        toks = jnp.concatenate([y[:, None], drafts], 1)  # [B, k+1]
+        positions = n[:, None] + jnp.arange(k + 1, dtype=jnp.int32)
+        index0, mtp_index0 = cache["index"], mtp_cache["index"]
         logits, hidden, verified = forward_cached(cfg, params, toks, cache, positions=positions)
-        logits = logits[0]  # [k+1, V]: row i predicts the token after toks[i]
-        if s.temperature == 0:
-            target = jnp.argmax(logits, -1).astype(jnp.int32)
-            ok = drafts == target[:k]
-            a = jnp.sum(jnp.cumprod(ok.astype(jnp.int32)))
-            y_next = target[a]
-        else:
-            logp = filtered_log_probs(logits, s)  # [k+1, V]
-            p_d = jnp.take_along_axis(logp[:k], drafts[:, None], 1)[:, 0]
-            q_d = jnp.take_along_axis(logq, drafts[:, None], 1)[:, 0]
-            u = jax.random.uniform(kv, (k,))
-            ok = jnp.log(u) < p_d - q_d
-            a = jnp.sum(jnp.cumprod(ok.astype(jnp.int32)))
-            residual = jnp.maximum(jnp.exp(logp[:k]) - jnp.exp(logq), 0.0)  # [k, V]
-            residual = jnp.concatenate([residual, jnp.exp(logp[k:])], 0)  # row k: the bonus draws from p
-            row = residual[a]
-            row = jnp.where(jnp.sum(row) > 0, row, jnp.exp(logp[a]))  # p == q exactly: nothing to correct
-            y_next = jax.random.categorical(kr, jnp.log(row / jnp.sum(row))).astype(jnp.int32)
-        keep = (jnp.arange(k + 1) <= a).astype(jnp.int32)[None]
-
-        def rerun(_):  # roll back: re-run the accepted prefix from the pre-verify cache, rejected tail as padding
-            _, _, c = forward_cached(cfg, params, toks, cache, segment_ids=keep, positions=positions)
-            return c
-
-        new_cache = jax.lax.cond(a == k, lambda _: verified, rerun, None)
-        new_cache = dict(new_cache, index=index0 + a + 1)
-        nxt = jnp.where(jnp.arange(k + 1) == a, y_next, jnp.concatenate([drafts, drafts[-1:]]))
-        mtp_index0 = mtp_cache["index"]
-        mlogits, u, mtp_cache = mtp_forward_cached(cfg, params, hidden, nxt[None], mtp_cache, segment_ids=keep,
-                                                   positions=positions)
+        a, y_next = accept(logits, drafts, logq, kv, s)
+        cache = dict(select_checkpoint(verified, a), index=index0 + a + 1)
+        nxt = jnp.where(jnp.arange(k + 1) == a[:, None], y_next[:, None], jnp.concatenate([drafts, drafts[:, -1:]], 1))
+        # the MTP head over the same k+1 positions (its KV slots past a are overwritten next round), LM head at a
+        mlogits, u, mtp_cache = mtp_forward_cached(cfg, params, hidden, nxt, mtp_cache, positions=positions,
+                                                   logits_at=a[:, None])
         mtp_cache = dict(mtp_cache, index=mtp_index0 + a + 1)
-        new_drafts, new_logq = draft_chain(params, u[:, a], mlogits[:, a], mtp_cache, n + a + 1, kd)
-        return nxt, a, y_next, new_drafts, new_logq, new_cache, mtp_cache
+        u_a = jnp.take_along_axis(u, a[:, None, None], 1)[:, 0]
+        new_drafts, new_logq = draft_chain(params, u_a, mlogits[:, 0], mtp_cache, n + a + 1, kd)
+        return nxt, a, y_next, new_drafts, new_logq, cache, mtp_cache
 
     @jax.jit
-    def run_rounds(params, state, stop_S, budget):
-        """Up to `rounds` rounds on device, ending early after a stop token in `stop_S` (-1 pads) or `budget` new
-        tokens. `state` = (cache, mtp_cache, pending y, drafts, logq, position n of y, key). Returns the state, the
-        new tokens [rounds * (k+1)] (the first `count` valid), count, rounds run, drafts accepted, done."""
+    def run_rounds(params, state, stop_S, budget_B, done_B):
+        """Up to `rounds` rounds on device, ending early when every row is done (a stop token in `stop_S` (-1 pads)
+        or `budget_B` new tokens; rows done before the call stay frozen). `state` = (cache, mtp_cache, pending y,
+        drafts, logq, positions n of y, key). Returns the state, new tokens [B, rounds * (k+1)] (the first
+        `count [B]` valid), count, done [B] and statistics: live rounds [B], accepted drafts [B], and per draft
+        position i the rounds that reached it and that accepted it ([k] each)."""
+        B = budget_B.shape[0]
         L = rounds * (k + 1)
+        put = jax.vmap(lambda o, x, i: jax.lax.dynamic_update_slice(o, x, (i,)))
 
         def cond(c):
-            return (c[3] < rounds) & ~c[5]
+            return (c[2] < rounds) & ~jnp.all(c[4])
 
         def body(c):
-            (cache, mtp_cache, y, drafts, logq, n, key), out_L, count, r, accepted, _ = c
+            (cache, mtp_cache, y, drafts, logq, n, key), out_BL, r, count_B, done_B, st = c
             key, sub = jax.random.split(key)
-            nxt, a, y, drafts, logq, cache, mtp_cache = verify(params, cache, mtp_cache, y, drafts, logq, n, sub)
+            nxt, a, y2, drafts2, logq2, cache2, mtp2 = verify_round(params, cache, mtp_cache, y, drafts, logq, n, sub)
+            live = ~done_B
+            # a finished row keeps its state: its caches, position and output stop moving
+            keep = lambda new, old: jax.tree.map(  # noqa: E731
+                lambda x, o: jnp.where(live.reshape((-1,) + (1,) * (x.ndim - 1)), x, o), new, old)
+            cache = dict(cache2, index=jnp.where(live, cache2["index"], cache["index"]))
+            mtp_cache = dict(mtp2, index=jnp.where(live, mtp2["index"], mtp_cache["index"]))
+            y, drafts, logq = keep(y2, y), keep(drafts2, drafts), keep(logq2, logq)
+            n = jnp.where(live, n + a + 1, n)
             # emit d_1..d_a and the next token, up to the first stop token and within the budget
-            stop_at = jnp.any(nxt[:, None] == stop_S[None, :], axis=1) & (jnp.arange(k + 1) <= a)
-            first_stop = jnp.where(jnp.any(stop_at), jnp.argmax(stop_at), k + 1)
-            m = jnp.minimum(jnp.minimum(a, first_stop) + 1, budget - count)
-            out_L = jax.lax.dynamic_update_slice(out_L, nxt, (count,))  # count <= L - (k+1) before the last round
-            done = (first_stop < m) | (count + m >= budget)
-            return (cache, mtp_cache, y, drafts, logq, n + a + 1, key), out_L, count + m, r + 1, accepted + a, done
+            stop_at = jnp.any(nxt[..., None] == stop_S, -1) & (jnp.arange(k + 1) <= a[:, None])
+            first_stop = jnp.where(jnp.any(stop_at, 1), jnp.argmax(stop_at, 1), k + 1)
+            m = jnp.where(live, jnp.minimum(jnp.minimum(a, first_stop) + 1, budget_B - count_B), 0)
+            out_BL = put(out_BL, nxt, jnp.minimum(count_B, L - (k + 1)))  # a live row has count <= L - (k+1)
+            done_B = done_B | (live & ((first_stop < m) | (count_B + m >= budget_B)))
+            pos_i = jnp.arange(1, k + 1)
+            st = {"rounds": st["rounds"] + live, "accepted": st["accepted"] + jnp.where(live, a, 0),
+                  "reached": st["reached"] + jnp.sum(live[:, None] & (a[:, None] >= pos_i - 1), 0),
+                  "hits": st["hits"] + jnp.sum(live[:, None] & (a[:, None] >= pos_i), 0)}
+            state = (cache, mtp_cache, y, drafts, logq, n, key)
+            return state, out_BL, r + 1, count_B + m, done_B, st
 
-        zero = jnp.zeros((), jnp.int32)
-        init = (state, jnp.zeros((L,), jnp.int32), zero, zero, zero, jnp.zeros((), bool))
-        return jax.lax.while_loop(cond, body, init)
+        zB, zk = jnp.zeros((B,), jnp.int32), jnp.zeros((k,), jnp.int32)
+        st = {"rounds": zB, "accepted": zB, "reached": zk, "hits": zk}
+        init = (state, jnp.zeros((B, L), jnp.int32), jnp.zeros((), jnp.int32), zB, done_B, st)
+        state, out_BL, _, count_B, done_B, st = jax.lax.while_loop(cond, body, init)
+        return state, out_BL, count_B, done_B, st
 
-    return start, jax.jit(verify), run_rounds
+    return start, jax.jit(verify_round), run_rounds
 
 
-def _generate_speculative(cfg, params, prompt, max_new_tokens, s, stop_tokens, seed, k, rounds, on_tokens):
+def _generate_speculative(cfg, params, prompts, max_new_tokens, s, stop_tokens, seed, k, rounds, on_tokens):
     stop = sorted(set(int(t) for t in stop_tokens))
-    tokens, seg, pos = _left_pad([prompt], PROMPT_BUCKET)
-    P = tokens.shape[1]
+    tokens, seg, pos = _left_pad(prompts, PROMPT_BUCKET)
+    B, P = tokens.shape
     max_len = P + -(-max_new_tokens // PROMPT_BUCKET) * PROMPT_BUCKET + 2 * k + 2  # bucketed: fewer compiles
-    cache, mtp_cache = init_cache(cfg, 1, max_len), init_mtp_cache(cfg, 1, max_len)
+    cache, mtp_cache = init_cache(cfg, B, max_len), init_mtp_cache(cfg, B, max_len)
     start, _, run_rounds = _speculative_programs(cfg, s, k, rounds)
     key = jax.random.key(seed)
     key, sub = jax.random.split(key)
     t0 = time.perf_counter()
     y, drafts, logq, cache, mtp_cache = start(params, tokens, seg, pos, cache, mtp_cache, sub)
-    out = [int(y)]  # the first token comes from the prefill; every round adds 1 to k+1 more
+    out = [[int(t)] for t in np.asarray(y)]  # the first token comes from the prefill; every round adds 1 to k+1
     prefill_s = time.perf_counter() - t0
     if on_tokens is not None:
-        on_tokens([out[:]])
+        on_tokens([o[:] for o in out])
     stop_S = jnp.asarray(stop or [-1], jnp.int32)
-    state = (cache, mtp_cache, y, drafts, logq, jnp.int32(len(prompt)), key)
-    done = out[0] in stop or max_new_tokens == 1
-    total_rounds = accepted = 0
+    state = (cache, mtp_cache, y, drafts, logq, jnp.asarray(pos[:, -1] + 1), key)
+    done = np.array([o[0] in stop or max_new_tokens == 1 for o in out])
+    totals = {"rounds": 0, "accepted": 0, "reached": np.zeros(k, np.int64), "hits": np.zeros(k, np.int64)}
     t0 = time.perf_counter()
-    while not done:
-        state, new, count, r, acc, done = run_rounds(params, state, stop_S, jnp.int32(max_new_tokens - len(out)))
-        new = np.asarray(new)[:int(count)].tolist()
-        out += new
-        total_rounds, accepted, done = total_rounds + int(r), accepted + int(acc), bool(done)
-        if on_tokens is not None and new:
-            on_tokens([new])
+    while not done.all():
+        budget = jnp.asarray([max_new_tokens - len(o) for o in out], jnp.int32)
+        state, new, count, done_B, st = run_rounds(params, state, stop_S, budget, jnp.asarray(done))
+        new, count = np.asarray(new), np.asarray(count)
+        chunks = [new[b, :count[b]].tolist() for b in range(B)]
+        for o, c in zip(out, chunks):
+            o += c
+        done = np.asarray(done_B)
+        for name in totals:  # rounds, accepted: per row; reached, hits: per draft position
+            totals[name] = totals[name] + (np.asarray(st[name]).sum() if name in ("rounds", "accepted")
+                                           else np.asarray(st[name]))
+        if on_tokens is not None and any(chunks):
+            on_tokens(chunks)
     decode_s = time.perf_counter() - t0
-    return GenerationResult([out], {
-        "prefill_s": prefill_s, "decode_s": decode_s, "new_tokens": len(out),
-        "tokens_per_s": (len(out) - 1) / decode_s if decode_s > 0 else 0.0, "rounds": total_rounds,
-        "draft_tokens": k, "acceptance_rate": accepted / max(total_rounds * k, 1),
-        "tokens_per_round": (accepted + total_rounds) / max(total_rounds, 1)})
+    new_tokens = sum(map(len, out))
+    r = max(int(totals["rounds"]), 1)
+    return GenerationResult(out, {
+        "prefill_s": prefill_s, "decode_s": decode_s, "new_tokens": new_tokens,
+        "tokens_per_s": (new_tokens - B) / decode_s if decode_s > 0 else 0.0, "rounds": int(totals["rounds"]),
+        "draft_tokens": k, "acceptance_rate": int(totals["accepted"]) / (r * k),
+        "acceptance_per_position": (totals["hits"] / np.maximum(totals["reached"], 1)).tolist(),
+        "tokens_per_round": (int(totals["accepted"]) + int(totals["rounds"])) / r})
 
 
 __all__ = ["generate", "GenerationResult", "Sampling", "sample", "filtered_log_probs"]

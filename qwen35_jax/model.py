@@ -19,6 +19,7 @@ from qwen35_jax.sharding import constrain
 from qwen35_jax.layers import MIXERS, MoE, RMSNorm, SwiGLU
 from qwen35_jax.layers.common import accum_dtype, dense, dense_init, dtypes, param, with_axes
 from qwen35_jax.layers.vision import VisionTower
+from qwen35_jax.precision import quantize_module
 
 REMAT_POLICIES = {
     "full": None,
@@ -155,16 +156,22 @@ class Qwen35(nn.Module):
     def logits(self, h_BTD):
         dtype, _ = dtypes(self.cfg)
         w_DV = self.embed_tokens.embedding.T if self.cfg.tie_word_embeddings else self.lm_head
-        logits = jnp.dot(h_BTD.astype(dtype), w_DV.astype(dtype), preferred_element_type=accum_dtype(dtype))
+        # lax.dot_general, not jnp.dot: jnp.dot is a cached jit, so qwix's FP8 interception would leak across calls
+        logits = jax.lax.dot_general(h_BTD.astype(dtype), w_DV.astype(dtype), (((h_BTD.ndim - 1,), (0,)), ((), ())),
+                                     preferred_element_type=accum_dtype(dtype))
         return constrain(logits, ("batch", "seq", "vocab"))
 
     def mtp_logits(self, h_BTD, next_tokens_BT, segment_ids_BT, positions_BT, cache=None, cache_index=None):
         """Logits for token t+2 at each position t (from h_t and token t+1), the MTP hidden state (fed back as h
         to draft further tokens), router stats, MTP cache."""
+        u_BTD, stats, cache = self.mtp_hidden(h_BTD, next_tokens_BT, segment_ids_BT, positions_BT, cache, cache_index)
+        return self.logits(u_BTD), u_BTD, stats, cache
+
+    def mtp_hidden(self, h_BTD, next_tokens_BT, segment_ids_BT, positions_BT, cache=None, cache_index=None):
+        """The MTP hidden state before the LM head, router stats, MTP cache (see `mtp_logits`)."""
         dtype, _ = dtypes(self.cfg)
         emb = self.embed_tokens(next_tokens_BT).astype(accum_dtype(dtype))
-        u_BTD, stats, cache = self.mtp(emb, h_BTD, segment_ids_BT, positions_BT, cache, cache_index)
-        return self.logits(u_BTD), u_BTD, stats, cache
+        return self.mtp(emb, h_BTD, segment_ids_BT, positions_BT, cache, cache_index)
 
     def __call__(self, tokens_BT, segment_ids_BT, positions_BT, cache=None, cache_index=None, mtp_tokens_BT=None,
                  vision=None):
@@ -179,13 +186,14 @@ class Qwen35(nn.Module):
 
 
 @functools.lru_cache(maxsize=64)
-def module_for(cfg: ModelConfig) -> Qwen35:
-    return Qwen35(cfg)
+def module_for(cfg: ModelConfig, fp8=None) -> Qwen35:
+    """The model module; with an FP8 recipe (precision.Fp8Config) its listed matmuls run in FP8 through qwix."""
+    return quantize_module(Qwen35(cfg), fp8)
 
 
 @functools.lru_cache(maxsize=64)
-def jitted_apply(cfg: ModelConfig):
-    return jax.jit(module_for(cfg).apply)
+def jitted_apply(cfg: ModelConfig, fp8=None):
+    return jax.jit(module_for(cfg, fp8).apply)
 
 
 def default_inputs(tokens_BT, segment_ids_BT=None, positions_BT=None, start=0):
@@ -244,7 +252,7 @@ def param_axes(cfg: ModelConfig) -> dict:
 
 def forward(cfg: ModelConfig, params, tokens, *, segment_ids=None, positions=None, return_aux=False,
             mtp_tokens=None, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
-            vision=None):
+            vision=None, fp8=None):
     """Logits [B, T, V] in fp32 (and, with `return_aux`, {"hidden": [B, T, D], "router": stats or None}).
 
     `segment_ids [B, T]` numbers the documents packed in a row (0 marks padding: it is neither attended to nor fed to
@@ -256,15 +264,16 @@ def forward(cfg: ModelConfig, params, tokens, *, segment_ids=None, positions=Non
     as the Hugging Face processor gives them (likewise `pixel_values_videos`, `video_grid_thw`); their merged
     tokens replace the image (video) placeholder tokens and mRoPE positions follow `get_rope_index` unless
     `positions` are given. Grids must be concrete; inside jit pass `vision=` (multimodal.prepare_vision) instead.
+    `fp8`: a precision.Fp8Config to run its matmuls in FP8 (training's `precision: fp8`), or None.
     """
     check_tokens(cfg, tokens)
-    apply = module_for(cfg).apply
+    apply = module_for(cfg, fp8).apply
     if pixel_values is not None or pixel_values_videos is not None or image_grid_thw is not None \
             or video_grid_thw is not None:
         vision, positions = prepare_vision(cfg, tokens, segment_ids=segment_ids, positions=positions,
                                            pixel_values=pixel_values, image_grid_thw=image_grid_thw,
                                            pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw)
-        apply = jitted_apply(cfg)  # host inputs: compiled once per shape, not run op by op
+        apply = jitted_apply(cfg, fp8)  # host inputs: compiled once per shape, not run op by op
     seg, pos = default_inputs(tokens, segment_ids, positions)
     mtp = None if mtp_tokens is None else jnp.asarray(mtp_tokens, jnp.int32)
     logits, aux = apply({"params": params}, jnp.asarray(tokens, jnp.int32), seg, pos, mtp_tokens_BT=mtp,
@@ -286,21 +295,72 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
     return {"index": jnp.zeros((), jnp.int32), "layers": layers}
 
 
-def forward_cached(cfg: ModelConfig, params, tokens, cache, *, segment_ids=None, positions=None, vision=None):
+def _logit_rows(h_BTD, logits_at):
+    """The hidden rows the LM head runs on: all (None), the last ("last") or `logits_at [B, N]` indices into T."""
+    if logits_at is None:
+        return h_BTD
+    if isinstance(logits_at, str):
+        if logits_at != "last":
+            raise ValueError(f"logits_at must be None, 'last' or [B, N] indices, got {logits_at!r}")
+        return h_BTD[:, -1:]
+    at = jnp.asarray(logits_at, jnp.int32)
+    if at.ndim != 2 or at.shape[0] != h_BTD.shape[0]:
+        raise ValueError(f"logits_at must be [B={h_BTD.shape[0]}, N] indices into T, got shape {tuple(at.shape)}")
+    return jnp.take_along_axis(h_BTD, at[..., None], axis=1)
+
+
+def _start(index):
+    """Default positions start at the cache index: a scalar, or [B] per-row indices (batched speculation)."""
+    return index[:, None] if jnp.ndim(index) else index
+
+
+def forward_cached(cfg: ModelConfig, params, tokens, cache, *, segment_ids=None, positions=None, logits_at=None,
+                   vision=None):
     """Runs `tokens [B, T]` on top of `cache` (prefill when the cache is empty, decode otherwise).
 
-    Returns (logits [B, T, V], hidden [B, T, D], new cache). Positions default to the cache index onwards; pass them
-    for left-padded batches (padding carries segment id 0 and is never attended to). `vision` (a prompt with
-    images: multimodal.prepare_vision) comes with [3, B, T] mRoPE positions.
+    Returns (logits [B, N, V] fp32, hidden [B, T, D], new cache). The LM head runs only where asked: every position
+    (`logits_at=None`, N = T), the last one (`"last"`, N = 1: a prefill never forms [B, T, V]) or `logits_at [B, N]`
+    indices into T. Positions default to the cache index onwards; pass them for left-padded batches (padding
+    carries segment id 0 and is never attended to). The cache index may be [B] (per-row write slots); a cache in the
+    checkpointed layout (`checkpoint_cache`) returns the Gated DeltaNet state after every one of the T tokens.
+    `vision` (a prompt with images: multimodal.prepare_vision) comes with [3, B, T] mRoPE positions.
     """
     check_tokens(cfg, tokens)
     tokens = jnp.asarray(tokens, jnp.int32)
     index = cache["index"]
-    seg, pos = default_inputs(tokens, segment_ids, positions, start=index)
-    logits, aux = module_for(cfg).apply({"params": params}, tokens, seg, pos, cache["layers"], index,
-                                        vision=vision)
-    new_cache = {"index": index + tokens.shape[1], "layers": aux["cache"]}
-    return logits, aux["hidden"], new_cache
+    seg, pos = default_inputs(tokens, segment_ids, positions, start=_start(index))
+
+    def run(model, tokens, seg, pos, layers, index, vision):
+        h_BTD, _, layers = model.hidden(tokens, seg, pos, layers, index, vision)
+        return model.logits(_logit_rows(h_BTD, logits_at)), h_BTD, layers
+
+    logits, hidden, layers = module_for(cfg).apply({"params": params}, tokens, seg, pos, cache["layers"], index,
+                                                   vision, method=run)
+    return logits, hidden, {"index": index + tokens.shape[1], "layers": layers}
+
+
+def checkpoint_cache(cache: dict) -> dict:
+    """The checkpointed layout of a decode cache: every Gated DeltaNet leaf (conv window, state) gains a position
+    axis of length 1 after the batch ([groups, B, 1, ...]); a forward on it returns that axis with one checkpoint
+    per new token, and `select_checkpoint` brings it back to length 1. KV caches are unchanged (they roll back by
+    index)."""
+    layers = {name: jax.tree.map(lambda x: x[:, :, None], block) if "state" in block else block
+              for name, block in cache["layers"].items()}
+    return dict(cache, layers=layers)
+
+
+def select_checkpoint(cache: dict, at_B) -> dict:
+    """Keeps each row's Gated DeltaNet checkpoint at position `at_B [B]` (the last accepted token of a speculative
+    verify pass), in the checkpointed layout (length-1 position axis). The index is left to the caller."""
+    at_B = jnp.asarray(at_B, jnp.int32)
+
+    def pick(x):  # x [groups, B, P, ...]
+        idx = at_B.reshape((1, -1, 1) + (1,) * (x.ndim - 3))
+        return jnp.take_along_axis(x, idx, axis=2)
+
+    layers = {name: jax.tree.map(pick, block) if "state" in block else block
+              for name, block in cache["layers"].items()}
+    return dict(cache, layers=layers)
 
 
 def init_mtp_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
@@ -311,14 +371,21 @@ def init_mtp_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> di
     return {"index": jnp.zeros((), jnp.int32), "layer": MIXERS["attn"].init_cache(cfg, batch, max_len, dtype)}
 
 
-def mtp_forward_cached(cfg: ModelConfig, params, hidden, next_tokens, cache, *, segment_ids=None, positions=None):
+def mtp_forward_cached(cfg: ModelConfig, params, hidden, next_tokens, cache, *, segment_ids=None, positions=None,
+                       logits_at=None):
     """The MTP head on top of its cache: position t takes the main model's hidden state h_t `hidden [B, T, D]` and
-    token t+1 `next_tokens [B, T]`. Returns (logits for token t+2 [B, T, V], MTP hidden [B, T, D], new cache)."""
+    token t+1 `next_tokens [B, T]`. Returns (logits for token t+2 [B, N, V] at the rows `logits_at` selects, as in
+    `forward_cached`; MTP hidden [B, T, D]; new cache)."""
     next_tokens = jnp.asarray(next_tokens, jnp.int32)
     index = cache["index"]
-    seg, pos = default_inputs(next_tokens, segment_ids, positions, start=index)
-    logits, u, _, layer = module_for(cfg).apply({"params": params}, hidden, next_tokens, seg, pos, cache["layer"],
-                                                index, method="mtp_logits")
+    seg, pos = default_inputs(next_tokens, segment_ids, positions, start=_start(index))
+
+    def run(model, hidden, next_tokens, seg, pos, layer, index):
+        u_BTD, _, layer = model.mtp_hidden(hidden, next_tokens, seg, pos, layer, index)
+        return model.logits(_logit_rows(u_BTD, logits_at)), u_BTD, layer
+
+    logits, u, layer = module_for(cfg).apply({"params": params}, hidden, next_tokens, seg, pos, cache["layer"],
+                                             index, method=run)
     return logits, u, {"index": index + next_tokens.shape[1], "layer": layer}
 
 

@@ -1,6 +1,7 @@
 """Generation: batched greedy equals the full forward and transformers' greedy `generate`; speculative MTP decoding
-equals plain greedy (the verify round accepts exactly the right prefix and rolls the caches back; the compiled round
-loop stops at a stop token or the token budget inside a round); the CLI; clear errors for bad input."""
+equals plain greedy for every row of a batch (the verify round accepts exactly the right prefix and rolls the caches
+back; the compiled round loop stops at a stop token or the token budget inside a round); the CLI; clear errors for
+bad input. tests/test_speculative.py: checkpoints, no token run twice, the sampling rule's distribution."""
 
 import subprocess
 import sys
@@ -68,23 +69,27 @@ def test_greedy_equals_transformers_generate(family, tmp_path):
 
 @pytest.mark.parametrize("k", [1, 3])
 def test_speculative_greedy_equals_plain_greedy(model, k):
+    """A batch of prompts of different lengths (rows accept different numbers of drafts): every row equals plain
+    greedy; and top-k 1 sampling (greedy through the sampling acceptance rule) too."""
     cfg, params = model
-    prompt = list(np.random.default_rng(1).integers(0, 61, 21))
-    plain = generate(cfg, params, [prompt], max_new_tokens=24).tokens[0]
-    spec = generate(cfg, params, [prompt], max_new_tokens=24, speculative="mtp", draft_tokens=k)
-    assert spec.tokens[0] == plain
+    rng = np.random.default_rng(1)
+    prompts = [list(rng.integers(0, 61, n)) for n in (21, 5, 40)]
+    plain = generate(cfg, params, prompts, max_new_tokens=24).tokens
+    spec = generate(cfg, params, prompts, max_new_tokens=24, speculative="mtp", draft_tokens=k)
+    assert spec.tokens == plain
+    assert len(spec.stats["acceptance_per_position"]) == k
     if k == 1:
         return
-    # top-k 1 sampling is greedy: the sampling acceptance rule must reproduce it too
-    sampled = generate(cfg, params, [prompt], max_new_tokens=24, speculative="mtp", draft_tokens=k, temperature=0.7,
-                       top_k=1, seed=3)
-    assert sampled.tokens[0] == plain
+    sampled = generate(cfg, params, prompts[:1], max_new_tokens=24, speculative="mtp", draft_tokens=k,
+                       temperature=0.7, top_k=1, seed=3)
+    assert sampled.tokens == plain[:1]
 
 
 @pytest.mark.parametrize("right", [0, 1, 2, 3])
 def test_verify_round_accepts_the_correct_prefix_and_rolls_back(model, right):
     """Drafts whose first `right` tokens are the true greedy continuation: the round accepts exactly those, emits
-    the main model's next token, and leaves caches from which decoding continues exactly like the full forward."""
+    the main model's next token, and leaves caches (the GDN checkpoint selected at the accepted position, KV caches
+    rolled back by index) from which decoding continues exactly like the full forward."""
     cfg, params = model
     k = 3
     prompt = list(np.random.default_rng(2).integers(0, 61, 9))
@@ -94,17 +99,18 @@ def test_verify_round_accepts_the_correct_prefix_and_rolls_back(model, right):
     tokens, seg, pos = _left_pad([prompt], PROMPT_BUCKET)
     cache, mtp_cache = init_cache(cfg, 1, 64), init_mtp_cache(cfg, 1, 64)
     y, _, logq, cache, mtp_cache = start(params, tokens, seg, pos, cache, mtp_cache, jax.random.key(0))
-    assert int(y) == truth[0]
-    drafts = np.array(truth[1:k + 1], np.int32)
-    drafts[right:] = (drafts[right:] + 1) % cfg.vocab_size  # wrong from position `right` on
+    assert int(y[0]) == truth[0]
+    drafts = np.array([truth[1:k + 1]], np.int32)
+    drafts[:, right:] = (drafts[:, right:] + 1) % cfg.vocab_size  # wrong from position `right` on
     toks, a, y_next, _, _, cache, mtp_cache = round_(params, cache, mtp_cache, y, jnp.asarray(drafts), logq,
-                                                     jnp.int32(len(prompt)), jax.random.key(1))
-    assert int(a) == right and int(y_next) == truth[right + 1]
+                                                     jnp.array([len(prompt)], jnp.int32), jax.random.key(1))
+    assert int(a[0]) == right and int(y_next[0]) == truth[right + 1]
+    assert int(cache["index"][0]) == PROMPT_BUCKET + right + 1
     # continue plain greedy decoding on the rolled-back cache
     from qwen35_jax.model import forward_cached
 
     n = len(prompt) + right + 1
-    tok = int(y_next)
+    tok = int(y_next[0])
     for i in range(2):
         logits, _, cache = forward_cached(cfg, params, jnp.array([[tok]]), cache, positions=jnp.array([[n + i]]))
         tok = int(jnp.argmax(logits[0, 0]))
@@ -146,6 +152,12 @@ def test_compiled_speculative_loop_stops_inside_a_round(counting_model):
                    on_tokens=streamed.append)
     assert out.tokens[0] == [6, 7, 8] and [t for c in streamed for t in c[0]] == out.tokens[0]
     assert generate(cfg, params, [prompt], max_new_tokens=13, speculative="mtp", draft_tokens=k).tokens[0] == plain[:13]
+    # a batch: rows draft through the swaps at different rounds, and one stops in a round the other continues
+    prompts = [[3, 4, 5], [9, 10], [20]]
+    plain = generate(cfg, params, prompts, max_new_tokens=20, stop_tokens=[27]).tokens
+    assert plain[2][-1] == 27 and len(plain[2]) < 20
+    spec = generate(cfg, params, prompts, max_new_tokens=20, stop_tokens=[27], speculative="mtp", draft_tokens=k)
+    assert spec.tokens == plain
 
 
 def test_bad_input_is_a_clear_error(model):
@@ -156,8 +168,8 @@ def test_bad_input_is_a_clear_error(model):
         generate(cfg, params, [[1, 61]])
     with pytest.raises(UserError, match="exceed the model's context of 256"):
         generate(cfg, params, [[1] * 250], max_new_tokens=10)
-    with pytest.raises(UserError, match="one prompt at a time"):
-        generate(cfg, params, [[1], [2]], speculative="mtp")
+    with pytest.raises(UserError, match="draft_tokens must be >= 1"):
+        generate(cfg, params, [[1], [2]], speculative="mtp", draft_tokens=0)
     with pytest.raises(UserError, match="top_p must be in"):
         generate(cfg, params, [[1]], top_p=0.0)
     with pytest.raises(UserError, match="no MTP head"):

@@ -40,19 +40,22 @@ def attention_mask_BTS(segment_ids_BT, positions_BT=None, sliding_window: int = 
 
 
 def update_kv_cache(cache, index, k_BTGK, v_BTGK, segment_ids_BT, sliding_window: int = 0):
-    """Writes T new keys/values at slot `index` (k after norm and RoPE); returns the cache, all keys/values and the
+    """Writes T new keys/values at slot `index` (k after norm and RoPE; a scalar, or [B] per-row slots as in batched
+    speculative decoding, where rows accept different numbers of drafts); returns the cache, all keys/values and the
     [B, T, S] mask: causal over slots, padded slots (segment id 0) never attended."""
     T, S = k_BTGK.shape[1], cache["k"].shape[1]
-    k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_BTGK.astype(cache["k"].dtype), index, axis=1)
-    v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_BTGK.astype(cache["v"].dtype), index, axis=1)
-    valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], segment_ids_BT != 0, index, axis=1)
-    q_slot = index + jnp.arange(T)
+    put = lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), i, axis=1)  # noqa: E731
+    if jnp.ndim(index):
+        put = jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), i, axis=0))
+    k, v = put(cache["k"], k_BTGK, index), put(cache["v"], v_BTGK, index)
+    valid = put(cache["valid"], segment_ids_BT != 0, index)
+    q_slot = jnp.reshape(index, (-1, 1)) + jnp.arange(T)  # [1 or B, T]
     k_slot = jnp.arange(S)
-    causal = k_slot[None, :] <= q_slot[:, None]
+    causal = k_slot[None, None, :] <= q_slot[:, :, None]
     if sliding_window:
-        causal = causal & (q_slot[:, None] - k_slot[None, :] < sliding_window)
-    mask = causal[None] & valid[:, None, :]
-    mask = mask | (k_slot[None, None, :] == q_slot[None, :, None])  # a padded query attends to itself (no NaN)
+        causal = causal & (q_slot[:, :, None] - k_slot[None, None, :] < sliding_window)
+    mask = causal & valid[:, None, :]
+    mask = mask | (k_slot[None, None, :] == q_slot[:, :, None])  # a padded query attends to itself (no NaN)
     return {"k": k, "v": v, "valid": valid}, k, v, mask
 
 
@@ -122,9 +125,10 @@ class GatedAttention(nn.Module):
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, param_dtype, name=name)  # noqa: E731
         q_BTHK, k_BTGK = norm("q_norm")(q_BTHK), norm("k_norm")(k_BTGK)
         if positions_BT.ndim == 3:  # [3, B, T] mRoPE rows (vision inputs)
-            cos, sin = mrope_cos_sin(positions_BT, cfg.rotary_dim, cfg.rope_theta, cfg.mrope_section, dtype)
+            cos, sin = mrope_cos_sin(positions_BT, cfg.rotary_dim, cfg.rope_theta, cfg.mrope_section, dtype,
+                                     scaling=cfg.rope_scaling)
         else:
-            cos, sin = rope_cos_sin(positions_BT, cfg.rotary_dim, cfg.rope_theta, dtype)
+            cos, sin = rope_cos_sin(positions_BT, cfg.rotary_dim, cfg.rope_theta, dtype, cfg.rope_scaling)
         q_BTHK, k_BTGK = apply_rope(q_BTHK, cos, sin), apply_rope(k_BTGK, cos, sin)
         probs = None
         if cache is None and not return_probs:

@@ -4,7 +4,9 @@ The delta rule itself comes from `pallas_kernels.gated_delta_rule` (chunked XLA 
 module owns the projections and the per-document handling: padded positions (segment id 0) are zeroed at the input,
 and both the conv window and the recurrent state restart at every document start. Under context parallelism (the
 sequence split over devices) the conv takes its K-1 columns of history from the previous device and the delta rule
-carries its state across devices (`pallas_kernels.gated_delta_rule.context_parallel`).
+carries its state across devices (`pallas_kernels.gated_delta_rule.context_parallel`). On a cache it decodes with
+the per-token recurrence, and with a checkpointed cache (a position axis, see `init_cache`) keeps the state after
+every token (speculative verification).
 """
 
 import functools
@@ -15,6 +17,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.gated_delta_rule import chunk_gated_delta_rule, default_impl
 from pallas_kernels.gated_delta_rule.context_parallel import context_parallel_gated_delta_rule
+from pallas_kernels.gated_delta_rule.reference import recurrent_gated_delta_rule_states
 from qwen35_jax.layers.common import accum_dtype, dense, dtypes, param
 from qwen35_jax.layers.norms import GatedRMSNorm
 from qwen35_jax.sharding import sequence_shards, shard_sequence
@@ -136,10 +139,17 @@ class GatedDeltaNet(nn.Module):
         if cache is None:
             conv_BTC = conv_per_shard(qkv_BTC.astype(f32), kernel_KC.astype(f32), segment_ids_BT)
         else:  # continue from the last K-1 pre-conv columns of this sequence
-            window = jnp.concatenate([cache["conv"].astype(f32), qkv_BTC.astype(f32)], axis=1)
+            checkpoints = cache["state"].ndim == 5  # per-position layout: continue from the last checkpoint
+            last_conv = cache["conv"][:, -1] if checkpoints else cache["conv"]
+            window = jnp.concatenate([last_conv.astype(f32), qkv_BTC.astype(f32)], axis=1)
             ones = jnp.ones(window.shape[:2], jnp.int32)
             conv_BTC = causal_depthwise_conv(window, kernel_KC.astype(f32), ones)[:, -T:]
-            new_conv = last_valid_columns(window, segment_ids_BT, cfg.gdn_conv_kernel - 1).astype(cache["conv"].dtype)
+            if checkpoints:  # the K-1 columns ending at each new token: [B, T, K-1, C]
+                K1 = cfg.gdn_conv_kernel - 1
+                new_conv = jnp.stack([window[:, t + 1: t + 1 + K1] for t in range(T)], axis=1)
+            else:
+                new_conv = last_valid_columns(window, segment_ids_BT, cfg.gdn_conv_kernel - 1)
+            new_conv = new_conv.astype(cache["conv"].dtype)
         qkv_BTC = jax.nn.silu(conv_BTC).astype(dtype)
         q_BTHK = qkv_BTC[..., : Hk * dk].reshape(B, T, Hk, dk)
         k_BTHK = qkv_BTC[..., Hk * dk: 2 * Hk * dk].reshape(B, T, Hk, dk)
@@ -151,12 +161,16 @@ class GatedDeltaNet(nn.Module):
         if cache is None:
             o_BTHV, _ = delta_rule_per_shard(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, segment_ids_BT, cfg)
         else:  # a few tokens decode with the per-token recurrence; a prompt uses the chunked form
-            impl = "recurrent" if T <= DECODE_RECURRENT_MAX else cfg.gdn_impl
             valid_BTH = (segment_ids_BT != 0)[..., None]  # padding leaves the carried state untouched
             g_BTH, beta_BTH = jnp.where(valid_BTH, g_BTH, 0.0), jnp.where(valid_BTH, beta_BTH, 0.0)
-            o_BTHV, state = chunk_gated_delta_rule(
-                q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, initial_state=cache["state"], output_final_state=True,
-                use_qk_l2norm=True, chunk_size=cfg.gdn_chunk_size, impl=impl)
+            if checkpoints:  # speculative verify: the state after every token, steps unrolled in one program
+                o_BTHV, state = recurrent_gated_delta_rule_states(
+                    q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, initial_state=cache["state"][:, -1], use_qk_l2norm=True)
+            else:
+                impl = "recurrent" if T <= DECODE_RECURRENT_MAX else cfg.gdn_impl
+                o_BTHV, state = chunk_gated_delta_rule(
+                    q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, initial_state=cache["state"], output_final_state=True,
+                    use_qk_l2norm=True, chunk_size=cfg.gdn_chunk_size, impl=impl)
             cache = {"conv": new_conv, "state": state}
         y_BTHV = GatedRMSNorm(cfg.rms_norm_eps, param_dtype, name="norm")(o_BTHV.astype(dtype), z_BTHV)
         y = proj(cfg.hidden_size, ("heads", "embed"), "out_proj")(y_BTHV.reshape(B, T, Hv * dv))
@@ -164,7 +178,10 @@ class GatedDeltaNet(nn.Module):
 
     @staticmethod
     def init_cache(cfg, batch: int, max_len: int, dtype):
-        """Constant size in the context length: the conv window and the fp32 delta-rule state."""
+        """Constant size in the context length: the conv window [B, K-1, C] and the fp32 delta-rule state
+        [B, Hv, dk, dv]. A cache whose leaves carry a position axis after the batch (conv [B, P, K-1, C], state
+        [B, P, Hv, dk, dv]: checkpoints) continues from position P-1 and returns the checkpoints after each of the
+        T new tokens (speculative verification selects the accepted one; see generation.py)."""
         del max_len
         return {"conv": jnp.zeros((batch, cfg.gdn_conv_kernel - 1, cfg.gdn_conv_dim), dtype),
                 "state": jnp.zeros((batch, cfg.gdn_num_value_heads, cfg.gdn_key_dim, cfg.gdn_value_dim),
