@@ -59,8 +59,8 @@ def test_yarn_preset_key():
     hash(cfg)  # configs are static jit arguments
     from qwen35_jax.config import ConfigError
 
-    with pytest.raises(ConfigError, match="unknown rope_scaling key 'factr'"):
+    with pytest.raises(ConfigError, match=r"unknown key 'rope_scaling\.factr'"):
         load_config("tiny", rope_scaling={"rope_type": "yarn", "factr": 4.0})
-    with pytest.raises(ConfigError, match="rope_scaling.rope_type 'linear'"):
+    with pytest.raises(ConfigError, match=r"rope_scaling\.rope_type' must be one of yarn, got 'linear'"):
         load_config("tiny", rope_scaling={"rope_type": "linear", "factor": 2.0,
                                           "original_max_position_embeddings": 8})
