@@ -35,6 +35,21 @@ def known_mixers() -> tuple[str, ...]:
 
 
 @dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Rotary scaling beyond the pretraining context (ModelConfig.rope_scaling), as transformers computes YaRN."""
+
+    rope_type: Literal["yarn"] = "yarn"  # the scaling method (YaRN)
+    factor: float = 1.0  # context extension ratio
+    original_max_position_embeddings: int = 0  # the pretraining context the ramp is measured against
+    beta_fast: float = 32.0  # rotations bounding the extrapolated (high-frequency) end of the ramp
+    beta_slow: float = 1.0  # rotations bounding the interpolated (low-frequency) end of the ramp
+    mscale: float = 0.0  # with mscale_all_dim: attention factor from both (DeepSeek style); 0: unset
+    mscale_all_dim: float = 0.0  # see mscale; 0: unset
+    attention_factor: float | None = None  # multiplies cos and sin; null: 0.1 ln(factor) + 1 (or from mscale)
+    truncate: bool = True  # round the ramp bounds to whole dimensions
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """The whole model contract. Defaults are the Qwen3.5 conventions; sizes come from presets.
 
@@ -86,6 +101,7 @@ class ModelConfig:
     max_position_embeddings: int = 262144  # longest sequence the model is meant for
     initializer_range: float = 0.02  # std of the normal init of matrices
     mrope_section: tuple[int, ...] = (11, 11, 10)  # multimodal RoPE sections (temporal, height, width)
+    rope_scaling: RopeScaling | None = None  # YaRN ({rope_type: yarn, factor: 4, ...}); null: plain RoPE
     # Multi-token prediction.
     mtp_num_layers: int = 0  # MTP heads (0 or 1)
     # Numerics and compilation.
@@ -224,6 +240,12 @@ def validate(cfg: ModelConfig) -> None:
     for i in cfg.mlp_only_layers:
         need(0 <= i < cfg.num_layers, f"mlp_only_layers names layer {i}, outside [0, {cfg.num_layers})")
     need(cfg.gdn_conv_kernel >= 1, "gdn_conv_kernel must be >= 1")
+    rs = cfg.rope_scaling
+    if rs is not None:
+        need(rs.factor >= 1.0, f"rope_scaling.factor must be >= 1, got {rs.factor}")
+        need(rs.original_max_position_embeddings > 0,
+             f"rope_scaling.original_max_position_embeddings must be positive, got "
+             f"{rs.original_max_position_embeddings}")
     need(cfg.mtp_num_layers in (0, 1), f"mtp_num_layers={cfg.mtp_num_layers}: the released design has 0 or 1")
     need(cfg.capacity_factor >= 0, f"capacity_factor must be >= 0, got {cfg.capacity_factor}")
 

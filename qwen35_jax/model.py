@@ -19,6 +19,7 @@ from qwen35_jax.sharding import constrain
 from qwen35_jax.layers import MIXERS, MoE, RMSNorm, SwiGLU
 from qwen35_jax.layers.common import accum_dtype, dense, dense_init, dtypes, param, with_axes
 from qwen35_jax.layers.vision import VisionTower
+from qwen35_jax.precision import quantize_module
 
 REMAT_POLICIES = {
     "full": None,
@@ -155,7 +156,9 @@ class Qwen35(nn.Module):
     def logits(self, h_BTD):
         dtype, _ = dtypes(self.cfg)
         w_DV = self.embed_tokens.embedding.T if self.cfg.tie_word_embeddings else self.lm_head
-        logits = jnp.dot(h_BTD.astype(dtype), w_DV.astype(dtype), preferred_element_type=accum_dtype(dtype))
+        # lax.dot_general, not jnp.dot: jnp.dot is a cached jit, so qwix's FP8 interception would leak across calls
+        logits = jax.lax.dot_general(h_BTD.astype(dtype), w_DV.astype(dtype), (((h_BTD.ndim - 1,), (0,)), ((), ())),
+                                     preferred_element_type=accum_dtype(dtype))
         return constrain(logits, ("batch", "seq", "vocab"))
 
     def mtp_logits(self, h_BTD, next_tokens_BT, segment_ids_BT, positions_BT, cache=None, cache_index=None):
@@ -183,13 +186,14 @@ class Qwen35(nn.Module):
 
 
 @functools.lru_cache(maxsize=64)
-def module_for(cfg: ModelConfig) -> Qwen35:
-    return Qwen35(cfg)
+def module_for(cfg: ModelConfig, fp8=None) -> Qwen35:
+    """The model module; with an FP8 recipe (precision.Fp8Config) its listed matmuls run in FP8 through qwix."""
+    return quantize_module(Qwen35(cfg), fp8)
 
 
 @functools.lru_cache(maxsize=64)
-def jitted_apply(cfg: ModelConfig):
-    return jax.jit(module_for(cfg).apply)
+def jitted_apply(cfg: ModelConfig, fp8=None):
+    return jax.jit(module_for(cfg, fp8).apply)
 
 
 def default_inputs(tokens_BT, segment_ids_BT=None, positions_BT=None, start=0):
@@ -248,7 +252,7 @@ def param_axes(cfg: ModelConfig) -> dict:
 
 def forward(cfg: ModelConfig, params, tokens, *, segment_ids=None, positions=None, return_aux=False,
             mtp_tokens=None, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
-            vision=None):
+            vision=None, fp8=None):
     """Logits [B, T, V] in fp32 (and, with `return_aux`, {"hidden": [B, T, D], "router": stats or None}).
 
     `segment_ids [B, T]` numbers the documents packed in a row (0 marks padding: it is neither attended to nor fed to
@@ -260,15 +264,16 @@ def forward(cfg: ModelConfig, params, tokens, *, segment_ids=None, positions=Non
     as the Hugging Face processor gives them (likewise `pixel_values_videos`, `video_grid_thw`); their merged
     tokens replace the image (video) placeholder tokens and mRoPE positions follow `get_rope_index` unless
     `positions` are given. Grids must be concrete; inside jit pass `vision=` (multimodal.prepare_vision) instead.
+    `fp8`: a precision.Fp8Config to run its matmuls in FP8 (training's `precision: fp8`), or None.
     """
     check_tokens(cfg, tokens)
-    apply = module_for(cfg).apply
+    apply = module_for(cfg, fp8).apply
     if pixel_values is not None or pixel_values_videos is not None or image_grid_thw is not None \
             or video_grid_thw is not None:
         vision, positions = prepare_vision(cfg, tokens, segment_ids=segment_ids, positions=positions,
                                            pixel_values=pixel_values, image_grid_thw=image_grid_thw,
                                            pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw)
-        apply = jitted_apply(cfg)  # host inputs: compiled once per shape, not run op by op
+        apply = jitted_apply(cfg, fp8)  # host inputs: compiled once per shape, not run op by op
     seg, pos = default_inputs(tokens, segment_ids, positions)
     mtp = None if mtp_tokens is None else jnp.asarray(mtp_tokens, jnp.int32)
     logits, aux = apply({"params": params}, jnp.asarray(tokens, jnp.int32), seg, pos, mtp_tokens_BT=mtp,

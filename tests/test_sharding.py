@@ -19,8 +19,8 @@ from qwen35_jax.config import preset_names
 from qwen35_jax.layers.common import dense, param
 from qwen35_jax.model import param_axes
 from qwen35_jax.schema import ConfigError
-from qwen35_jax.sharding import (DEFAULT_RULES, LogicalAxes, UndeclaredParameterError, logical_axes, make_mesh,
-                                 spec_for, state_shardings)
+from qwen35_jax.sharding import (DEFAULT_RULES, MESH_AXES, LogicalAxes, UndeclaredParameterError, logical_axes,
+                                 make_mesh, spec_for, state_shardings)
 
 # The architecture, written independently of the layer code: parameter path (regex on "a/b/c") -> logical axes
 # (HF orientation: a projection's input dimension first; q/k/v read the residual stream, o/out/down write it).
@@ -98,7 +98,7 @@ def test_square_matrices_get_the_right_orientation():
     q = "layers/block_3/mixer/q_proj/kernel"
     out = "layers/block_0/mixer/out_proj/kernel"
     assert flat_shapes[o] == flat_shapes[q] == flat_shapes[out] == (1, 64, 64)  # square
-    mesh = types.SimpleNamespace(shape={"data": 1, "fsdp": 2, "tensor": 2, "expert": 1})
+    mesh = types.SimpleNamespace(shape={a: {"fsdp": 2, "tensor": 2}.get(a, 1) for a in MESH_AXES})
     assert spec_for(flat_axes[o], flat_shapes[o], mesh) == P(None, "tensor", "fsdp")
     assert spec_for(flat_axes[q], flat_shapes[q], mesh) == P(None, "fsdp", "tensor")
     assert spec_for(flat_axes[out], flat_shapes[out], mesh) == P(None, "tensor", "fsdp")

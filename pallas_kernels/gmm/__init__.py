@@ -2,6 +2,7 @@
 gradient `tgmm`. Reference, XLA (CPU/GPU) and Pallas TPU implementations; see README.md."""
 
 from pallas_kernels.gmm.api import gmm, resolve_impl, tgmm
+from pallas_kernels.gmm.fp8 import gmm_fp8
 from pallas_kernels.gmm.reference import gmm_reference, tgmm_reference
 
-__all__ = ["gmm", "tgmm", "resolve_impl", "gmm_reference", "tgmm_reference"]
+__all__ = ["gmm", "gmm_fp8", "tgmm", "resolve_impl", "gmm_reference", "tgmm_reference"]

@@ -125,9 +125,10 @@ class GatedAttention(nn.Module):
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, param_dtype, name=name)  # noqa: E731
         q_BTHK, k_BTGK = norm("q_norm")(q_BTHK), norm("k_norm")(k_BTGK)
         if positions_BT.ndim == 3:  # [3, B, T] mRoPE rows (vision inputs)
-            cos, sin = mrope_cos_sin(positions_BT, cfg.rotary_dim, cfg.rope_theta, cfg.mrope_section, dtype)
+            cos, sin = mrope_cos_sin(positions_BT, cfg.rotary_dim, cfg.rope_theta, cfg.mrope_section, dtype,
+                                     scaling=cfg.rope_scaling)
         else:
-            cos, sin = rope_cos_sin(positions_BT, cfg.rotary_dim, cfg.rope_theta, dtype)
+            cos, sin = rope_cos_sin(positions_BT, cfg.rotary_dim, cfg.rope_theta, dtype, cfg.rope_scaling)
         q_BTHK, k_BTGK = apply_rope(q_BTHK, cos, sin), apply_rope(k_BTGK, cos, sin)
         probs = None
         if cache is None and not return_probs:

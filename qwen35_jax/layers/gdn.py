@@ -50,16 +50,14 @@ def delta_rule_per_shard(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, segment_ids_BT
 def conv_per_shard(x_BTC, kernel_KC, segment_ids_BT):
     """`causal_depthwise_conv`; with the sequence split over devices, each first receives the last K-1 columns (and
     their segment ids) of the previous device's slice (the first device: zeros, i.e. nothing before the start)."""
-    if sequence_shards(x_BTC.shape[1]) == 1:
-        return causal_depthwise_conv(x_BTC, kernel_KC, segment_ids_BT)
+    n = sequence_shards(x_BTC.shape[1])
+    if n == 1 or x_BTC.shape[1] // n < kernel_KC.shape[0] - 1:  # no split, or slices shorter than the history
+        return causal_depthwise_conv(x_BTC, kernel_KC, segment_ids_BT)  # (e.g. an 8-token init): XLA partitions it
 
     def local(x, w, seg, *, axis_name):
         halo = w.shape[0] - 1
         if axis_name is None or halo == 0:
             return (causal_depthwise_conv(x, w, seg),)
-        if x.shape[1] < halo:
-            raise ValueError(f"context parallelism: a sequence slice of {x.shape[1]} tokens is shorter than the conv "
-                             f"history of {halo} columns (gdn_conv_kernel={w.shape[0]}); use fewer sequence shards")
         n = jax.lax.axis_size(axis_name)
         prev = lambda a: jax.lax.ppermute(a[:, -halo:], axis_name, [(i, i + 1) for i in range(n - 1)])  # noqa: E731
         xs, segs = jnp.concatenate([prev(x), x], axis=1), jnp.concatenate([prev(seg), seg], axis=1)

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.gmm import gmm, resolve_impl
+from pallas_kernels.gmm import gmm, gmm_fp8, resolve_impl
 from qwen35_jax.layers.common import accum_dtype, dense_init, dtypes, param
 from qwen35_jax.layers.mlp import SwiGLU
 from qwen35_jax.layers.moe_ep import ep_dispatch_combine
@@ -48,7 +48,7 @@ def expert_capacity(capacity_factor: float, num_tokens: int, k: int, num_experts
 
 
 def dispatch_combine(x_ND, weights_NK, experts_NK, w_gate_up_EDF2, w_down_EFD, *, impl="auto",
-                     capacity_factor=0.0):
+                     capacity_factor=0.0, fp8=None):
     """Dropless (or capacity-limited) sorted dispatch through two grouped matmuls, combined with the weights."""
     N, D = x_ND.shape
     k = experts_NK.shape[-1]
@@ -64,23 +64,25 @@ def dispatch_combine(x_ND, weights_NK, experts_NK, w_gate_up_EDF2, w_down_EFD, *
         sorted_experts = flat_experts[order]
         rank = jnp.arange(N * k) - starts_E[sorted_experts]
         row_weights = jnp.where(rank < capacity, row_weights, 0.0)
-    y_sorted = grouped_swiglu(x_ND[token_of_row], group_sizes_E, w_gate_up_EDF2, w_down_EFD, impl=impl)
+    y_sorted = grouped_swiglu(x_ND[token_of_row], group_sizes_E, w_gate_up_EDF2, w_down_EFD, impl=impl, fp8=fp8)
     y_sorted = y_sorted * row_weights[:, None].astype(y_sorted.dtype)
     return jnp.zeros((N, D), y_sorted.dtype).at[token_of_row].add(y_sorted)
 
 
-def grouped_swiglu(x_MD, group_sizes_G, w_gate_up_GDF2, w_down_GFD, *, impl="auto"):
-    """SwiGLU experts on rows sorted by group: [M, D] -> [M, D]; rows past sum(group_sizes) give zeros."""
+def grouped_swiglu(x_MD, group_sizes_G, w_gate_up_GDF2, w_down_GFD, *, impl="auto", fp8=None):
+    """SwiGLU experts on rows sorted by group: [M, D] -> [M, D]; rows past sum(group_sizes) give zeros.
+    fp8: keyword arguments of `gmm_fp8` (precision.py's recipe) to run both grouped matmuls in FP8, or None."""
     F2 = w_gate_up_GDF2.shape[-1]
-    h_MF2 = gmm(x_MD, w_gate_up_GDF2, group_sizes_G, impl=impl, preferred_element_type=x_MD.dtype)
+    mm = gmm if fp8 is None else functools.partial(gmm_fp8, **fp8)
+    h_MF2 = mm(x_MD, w_gate_up_GDF2, group_sizes_G, impl=impl, preferred_element_type=x_MD.dtype)
     h_MF = jax.nn.silu(h_MF2[:, : F2 // 2]) * h_MF2[:, F2 // 2:]
-    return gmm(h_MF, w_down_GFD, group_sizes_G, impl=impl, preferred_element_type=x_MD.dtype)
+    return mm(h_MF, w_down_GFD, group_sizes_G, impl=impl, preferred_element_type=x_MD.dtype)
 
 
-def expert_parallel_dispatch(cfg):
+def expert_parallel_dispatch(cfg, fp8=None):
     """The per-shard routed-expert computation for `shard_experts` (which passes the tokens' shard, the local
     experts' weights and the axis name); a capacity factor applies per expert to each shard's tokens."""
-    experts_fn = functools.partial(grouped_swiglu, impl=cfg.moe_impl)
+    experts_fn = functools.partial(grouped_swiglu, impl=cfg.moe_impl, fp8=fp8)
 
     def local(x_ND, weights_NK, experts_NK, w_gate_up_LDF2, w_down_LFD, *, axis_name):
         capacity = None
@@ -90,6 +92,16 @@ def expert_parallel_dispatch(cfg):
                                    num_experts=cfg.num_experts, experts_fn=experts_fn, capacity=capacity)
 
     return local
+
+
+def gmm_fp8_args():
+    """`gmm_fp8` keyword arguments when the active qwix recipe quantizes this layer's experts, else None."""
+    from qwen35_jax.precision import gmm_rule
+
+    rule = gmm_rule()
+    if rule is None:
+        return None
+    return {"fwd_dtype": rule.act_qtype, "bwd_dtype": rule.bwd_qtype, "channelwise": not rule.disable_channelwise_axes}
 
 
 class MoE(nn.Module):
@@ -112,12 +124,14 @@ class MoE(nn.Module):
         w_gate_up = param(self, "gate_up_proj", init, (E, D, 2 * F), param_dtype, ("expert", "embed", "mlp"))
         w_down = param(self, "down_proj", init, (E, F, D), param_dtype, ("expert", "mlp", "embed"))
         w_gate_up, w_down = w_gate_up.astype(dtype), w_down.astype(dtype)
+        fp8 = gmm_fp8_args()
         if expert_parallel_size(E) > 1:
-            y_ND = shard_experts(expert_parallel_dispatch(cfg), x_ND, weights_NK.astype(dtype), experts_NK, w_gate_up,
-                                 w_down)
+            y_ND = shard_experts(expert_parallel_dispatch(cfg, fp8), x_ND, weights_NK.astype(dtype), experts_NK,
+                                 w_gate_up, w_down)
         else:
             def local(x, w, e, wgu, wd):
-                return dispatch_combine(x, w, e, wgu, wd, impl=cfg.moe_impl, capacity_factor=cfg.capacity_factor)
+                return dispatch_combine(x, w, e, wgu, wd, impl=cfg.moe_impl, capacity_factor=cfg.capacity_factor,
+                                        fp8=fp8)
 
             args = (x_ND, weights_NK.astype(dtype), experts_NK, w_gate_up, w_down)
             if resolve_impl(cfg.moe_impl) == "pallas":

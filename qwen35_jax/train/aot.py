@@ -23,7 +23,8 @@ from qwen35_jax.errors import UserError
 from qwen35_jax.train.config import load_train_config
 from qwen35_jax.train.run import build_run
 
-HBM_GIB = {"v4": 32, "v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32, "v7x": 192}
+HBM_GIB = {"v4": 32, "v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32, "v7x": 192,
+           "tpu7x": 96}  # tpu7x: libtpu's v7x name; one device per TensorCore, 2 a chip (192 GiB)
 
 
 def tpu_env() -> None:

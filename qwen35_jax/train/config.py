@@ -11,9 +11,10 @@ import dataclasses
 from typing import Any, Literal
 
 from qwen35_jax.config import CONFIG_DIR, ConfigError, ModelConfig, load_config
+from qwen35_jax.precision import Fp8Config
 from qwen35_jax.schema import apply_overrides, build, field, nearest, read_yaml_mapping, resolve_file
 
-PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}
+PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp8": "bfloat16"}  # fp8: bf16 around the FP8 matmuls
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +58,8 @@ class TrainConfig:
                                             doc="tokenizer spec (mapping) or file")
     mesh: dict[str, int] = dataclasses.field(default_factory=dict)  # mesh axis sizes, e.g. {data: -1, fsdp: 2}
     precision: Literal["auto", "fp32", "bf16", "fp8"] = field(
-        "auto", doc="compute dtype (fp32 master params); auto: bf16 on TPU/GPU, fp32 on CPU")
+        "auto", doc="compute dtype (fp32 master params); auto: bf16 on TPU/GPU, fp32 on CPU; fp8: see fp8.*")
+    fp8: Fp8Config = dataclasses.field(default_factory=Fp8Config)  # which matmuls precision=fp8 runs in FP8
     optimizer: OptimConfig = dataclasses.field(default_factory=OptimConfig)  # optimizer keys (optimizer.lr=...)
     z_loss: float = 0.0  # coefficient of the logit z-loss; 0: off
     router_aux_loss: bool = True  # add the load-balancing loss (model.router_aux_loss_coef), global-batch pooled
@@ -116,7 +118,7 @@ def validate(cfg: TrainConfig) -> None:
         if not cond:
             raise ConfigError(f"train config: {msg}")
 
-    need(cfg.precision != "fp8", "precision fp8 is not implemented yet; use fp32 or bf16")
+    cfg.fp8.validate()
     for k in ("steps", "batch_size", "seq_len", "checkpoint_every", "log_every", "eval_every", "keep_checkpoints"):
         need(getattr(cfg, k) > 0, f"{k} must be positive, got {getattr(cfg, k)}")
     need(cfg.optimizer.grad_accum >= 1, "optimizer.grad_accum must be >= 1")

@@ -128,7 +128,8 @@ def load_init_params(path, model_cfg, shapes, shardings):
     if (path / "config.json").exists() and paths.glob(f"{path}/*.safetensors*"):
         from qwen35_jax import hf
 
-        _, params = hf.load(paths.local_dir(path), dtype=model_cfg.param_dtype)
+        loaded_cfg, params = hf.load(paths.local_dir(path), dtype=model_cfg.param_dtype)
+        hf.check_same_model(model_cfg, loaded_cfg, path)  # names every differing field, not only shapes
     else:
         from qwen35_jax.train.convert import load_orbax_params
 

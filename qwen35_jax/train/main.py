@@ -226,8 +226,16 @@ def eval_main(argv) -> int:
     parser = argparse.ArgumentParser(prog="qwen35 eval", description="Score a run's newest checkpoint.")
     parser.add_argument("run_dir")
     parser.add_argument("overrides", nargs="*", help="e.g. eval_data='{kind: text, path: notes/}' eval_batches=16")
+    parser.add_argument("--mtp-acceptance", type=int, default=0, metavar="K",
+                        help="also measure teacher-forced MTP acceptance for K chained drafts (mtp_acceptance.py); "
+                             "run_dir may then be a Hugging Face folder")
     args = parser.parse_intermixed_args(argv)
     run_dir = paths.path(args.run_dir)
+    if args.mtp_acceptance and paths.glob(f"{run_dir}/*.safetensors*"):  # a Hugging Face folder
+        from qwen35_jax import mtp_acceptance
+
+        print(json.dumps(mtp_acceptance.hf_eval_main(paths.local_dir(run_dir), args.overrides, args.mtp_acceptance)))
+        return 0
     tcfg = run_config(run_dir, args.overrides)  # config.json, read in place (nothing is written to the run)
     tokenizer = train_data.tokenizer_for(tcfg)
     note = train_data.validation_note(tcfg)
@@ -242,6 +250,11 @@ def eval_main(argv) -> int:
     step, params, _, _ = restored
     val = evaluate(tcfg, tokenizer, run.eval_step, params, run.batch_sharding)
     result = {"step": step, "val_loss": val, "val_ppl": float(np.exp(val))}
+    if args.mtp_acceptance:
+        from qwen35_jax import mtp_acceptance
+
+        result["mtp_acceptance"] = mtp_acceptance.measure(tcfg.model_config(), params,
+                                                          train_data.eval_batches(tcfg, tokenizer), args.mtp_acceptance)
     print(json.dumps(result))
     return 0
 

@@ -8,6 +8,7 @@ import optax
 
 from qwen35_jax.config import ModelConfig
 from qwen35_jax.model import forward
+from qwen35_jax.precision import recipe
 from qwen35_jax.train.config import TrainConfig
 from qwen35_jax.train.losses import cross_entropy_sum, expert_load_imbalance
 
@@ -71,7 +72,7 @@ def loss_and_metrics(model_cfg: ModelConfig, tcfg: TrainConfig, params, batch, n
     use_mtp = _uses_mtp(model_cfg, tcfg)
     logits, aux = forward(model_cfg, params, batch["tokens"], segment_ids=batch["segment_ids"],
                           return_aux=True, **model_inputs(batch),
-                          mtp_tokens=batch["targets"] if use_mtp else None)
+                          mtp_tokens=batch["targets"] if use_mtp else None, fp8=recipe(tcfg))
     ce_sum, z_sum = cross_entropy_sum(logits, batch["targets"], batch["loss_mask"])
     total = ce_sum / norms["tokens"]
     metrics = {"ce_sum": ce_sum}
@@ -105,7 +106,7 @@ def pooled_router_f(model_cfg: ModelConfig, tcfg: TrainConfig, params, micro, no
 
     def body(counts_E, mb):
         _, aux = forward(model_cfg, params, mb["tokens"], segment_ids=mb["segment_ids"], return_aux=True,
-                         mtp_tokens=mb["targets"] if use_mtp else None, **model_inputs(mb))
+                         mtp_tokens=mb["targets"] if use_mtp else None, fp8=recipe(tcfg), **model_inputs(mb))
         return counts_E + jnp.sum(_router_stats(aux)["counts"], axis=0), None
 
     counts_E, _ = jax.lax.scan(body, jnp.zeros((model_cfg.num_experts,), jnp.float32), micro)
