@@ -11,6 +11,8 @@ import textwrap
 
 import pytest
 
+pytestmark = pytest.mark.pending  # not yet seen passing on the merged code (issue 17/12)
+
 SCRIPT = textwrap.dedent('''
     import json, sys, jax, jax.numpy as jnp, numpy as np
     from qwen35_jax import forward, init_params, load_config

@@ -8,7 +8,11 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from tests.train.conftest import REPO, overrides
+
+pytestmark = pytest.mark.pending  # not yet seen passing on the merged code (issue 12)
 
 SCRIPT = textwrap.dedent('''
     import dataclasses, json, sys

@@ -13,6 +13,8 @@ import pytest
 from qwen35_jax.train.config import load_train_config
 from qwen35_jax.train.main import train
 
+pytestmark = pytest.mark.pending  # not yet seen passing on the merged code (issue 17/12)
+
 
 def read_metrics(run_dir):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
