@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent('''
     cfg2, loaded = hf.load(out + "/src", mesh=mesh, stream_bytes=100_000)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    want = param_shardings(jax.eval_shape(lambda: params), mesh, cfg.hidden_size)
+    want = param_shardings(cfg, mesh)
     placed = jax.tree.map(lambda a, s: a.sharding == s and len(a.addressable_shards) == 8, loaded, want)
     sharded = sum(1 for a in jax.tree.leaves(loaded) if not a.sharding.is_fully_replicated)
     jax.tree.map(np.testing.assert_array_equal, loaded, params)

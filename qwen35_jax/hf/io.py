@@ -94,7 +94,7 @@ def load(path, dtype="float32", compute_dtype=None, *, mesh=None, shardings=None
 
     `dtype` (a name or a numpy/JAX dtype): the parameters' dtype (FP8 weights are dequantized to it);
     `compute_dtype`: the compute dtype (default `dtype`). `mesh`: place each leaf with
-    `sharding.param_shardings(shapes, mesh, hidden_size)`, or give `shardings` (a pytree like the params);
+    `sharding.param_shardings(cfg, mesh)`, or give `shardings` (a pytree like the params);
     neither: the default device. Expert layouts are detected per MoE block.
     """
     path = Path(path)
@@ -130,7 +130,7 @@ def load(path, dtype="float32", compute_dtype=None, *, mesh=None, shardings=None
     if shardings is None and mesh is not None:
         from qwen35_jax.sharding import param_shardings
 
-        shardings = param_shardings(shapes, mesh, cfg.hidden_size)
+        shardings = param_shardings(cfg, mesh)
     flat_shard = {} if shardings is None else {_key(p): s for p, s in jax.tree_util.tree_leaves_with_path(
         shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))}
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
