@@ -15,7 +15,7 @@ import shlex
 import time
 from pathlib import Path
 
-from experiments.sweep import Run, Sweep, load_sweep, shard, spec_difference
+from experiments.sweep import Run, Sweep, load_sweep, shard, spec_defaults, spec_difference
 from qwen35_jax.errors import UserError
 from qwen35_jax.layers import MIXERS
 
@@ -35,7 +35,7 @@ def finished(sweep: Sweep, run: Run) -> dict | None:
     if not path.exists():
         return None
     old = json.loads(path.read_text())
-    diff = spec_difference(old.get("spec", {}), run.spec)
+    diff = spec_difference(old.get("spec", {}), run.spec, spec_defaults())
     if diff is not None:
         raise UserError(f"{path} was produced with a different {diff!r}; use another out_dir or delete "
                         f"{path.parent} to run it again")

@@ -337,15 +337,24 @@ def shard(runs, spec: str | None):
     return list(runs)[i::n]
 
 
-def spec_difference(old: dict, new: dict) -> str | None:
-    """None when equal, else the first differing key (dotted)."""
+def spec_difference(old: dict, new: dict, defaults: dict | None = None) -> str | None:
+    """None when equal, else the first differing key (dotted). A key missing from `old` (a field added after the run
+    was recorded) is equal when `new` holds that field's default (`defaults`, the same nesting)."""
     if isinstance(old, dict) and isinstance(new, dict):
+        defaults = defaults if isinstance(defaults, dict) else {}
         for k in sorted(set(old) | set(new)):
-            diff = spec_difference(old.get(k), new.get(k))
+            if k not in old and k in defaults and new.get(k) == defaults[k]:
+                continue
+            diff = spec_difference(old.get(k), new.get(k), defaults.get(k))
             if diff is not None:
                 return f"{k}.{diff}" if diff else k
         return None
     return None if old == new else ""
 
 
-__all__ = ["Run", "Sweep", "load_sweep", "build_sweep", "shard", "resolve_path", "spec_difference"]
+def spec_defaults() -> dict:
+    """What a field added to the spec after a run was recorded is taken to have been: the model fields' defaults."""
+    return {"model": _jsonable(to_dict(ModelConfig()))}
+
+
+__all__ = ["Run", "Sweep", "load_sweep", "build_sweep", "shard", "resolve_path", "spec_difference", "spec_defaults"]

@@ -231,9 +231,14 @@ def _boxed_init(cfg: ModelConfig, rng) -> dict:
     return variables["params"]
 
 
+@functools.lru_cache(maxsize=64)
+def _jitted_init(cfg: ModelConfig):
+    return jax.jit(lambda rng: nn.meta.unbox(_boxed_init(cfg, rng)))
+
+
 def init_params(cfg: ModelConfig, rng) -> dict:
-    """Parameters as a plain nested dict of arrays (`param_dtype`)."""
-    return nn.meta.unbox(_boxed_init(cfg, rng))
+    """Parameters as a plain nested dict of arrays (`param_dtype`), made by one compiled program (not op by op)."""
+    return _jitted_init(cfg)(rng)
 
 
 def abstract_params(cfg: ModelConfig) -> dict:
@@ -267,13 +272,12 @@ def forward(cfg: ModelConfig, params, tokens, *, segment_ids=None, positions=Non
     `fp8`: a precision.Fp8Config to run its matmuls in FP8 (training's `precision: fp8`), or None.
     """
     check_tokens(cfg, tokens)
-    apply = module_for(cfg, fp8).apply
     if pixel_values is not None or pixel_values_videos is not None or image_grid_thw is not None \
             or video_grid_thw is not None:
         vision, positions = prepare_vision(cfg, tokens, segment_ids=segment_ids, positions=positions,
                                            pixel_values=pixel_values, image_grid_thw=image_grid_thw,
                                            pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw)
-        apply = jitted_apply(cfg, fp8)  # host inputs: compiled once per shape, not run op by op
+    apply = jitted_apply(cfg, fp8)  # compiled once per shape, not run op by op (inlined inside an outer jit)
     seg, pos = default_inputs(tokens, segment_ids, positions)
     mtp = None if mtp_tokens is None else jnp.asarray(mtp_tokens, jnp.int32)
     logits, aux = apply({"params": params}, jnp.asarray(tokens, jnp.int32), seg, pos, mtp_tokens_BT=mtp,
@@ -330,13 +334,29 @@ def forward_cached(cfg: ModelConfig, params, tokens, cache, *, segment_ids=None,
     index = cache["index"]
     seg, pos = default_inputs(tokens, segment_ids, positions, start=_start(index))
 
-    def run(model, tokens, seg, pos, layers, index, vision):
-        h_BTD, _, layers = model.hidden(tokens, seg, pos, layers, index, vision)
-        return model.logits(_logit_rows(h_BTD, logits_at)), h_BTD, layers
-
-    logits, hidden, layers = module_for(cfg).apply({"params": params}, tokens, seg, pos, cache["layers"], index,
-                                                   vision, method=run)
+    last = isinstance(logits_at, str)
+    if last:
+        _logit_rows(tokens[..., None], logits_at)  # a bad string fails here, naming the argument
+    logits, hidden, layers = _jitted_cached_forward(cfg, last)(params, tokens, seg, pos, cache["layers"], index,
+                                                               vision, None if last else logits_at)
     return logits, hidden, {"index": index + tokens.shape[1], "layers": layers}
+
+
+def _cached_run(model, tokens, seg, pos, layers, index, vision, logits_at):
+    h_BTD, _, layers = model.hidden(tokens, seg, pos, layers, index, vision)
+    return model.logits(_logit_rows(h_BTD, logits_at)), h_BTD, layers
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_cached_forward(cfg: ModelConfig, last: bool):
+    """forward_cached's program, compiled once per shape (inlined when called inside an outer jit)."""
+    module = module_for(cfg)
+
+    def run(params, tokens, seg, pos, layers, index, vision, logits_at):
+        return module.apply({"params": params}, tokens, seg, pos, layers, index, vision,
+                            "last" if last else logits_at, method=_cached_run)
+
+    return jax.jit(run)
 
 
 def checkpoint_cache(cache: dict) -> dict:

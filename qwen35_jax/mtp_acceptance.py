@@ -7,7 +7,10 @@ t + k - 1) and drafts token t+k+1, compared with `main[t+k]`. The chain runs ove
 the MTP attention layer at depth k attends to earlier positions' depth-k inputs (in cached decoding it would see
 the accepted true prefix instead): an approximation for k > 1, exact for k = 1. Reported per draft position:
 `agree` (the draft matches), `prefix` (it and every earlier draft match: what greedy verification accepts), and a
-`control` that compares each draft with the main prediction one step later (`main[t+k+1]`), which must be near 0.
+`control`: how often the draft equals the main prediction one step later (`main[t+k+1]`), counted only where that
+shifted target differs from the true one (`main[t+k+1] != main[t+k]`), so a draft aligned with its target cannot
+score on it and a draft that is off by one position scores as high as its agreement: it must be near 0 (without
+that condition, text that repeats tokens, such as runs of indentation, scores "the next token again" as a match).
 Only positions whose targets lie in the same document are counted.
 """
 
@@ -45,7 +48,7 @@ def _counts(cfg, depth, params, tokens_BT, segment_ids_BT, positions_BT):
         valid = same_doc(k + 1)
         agree = (draft == shifted(main_BT, k)) & valid
         ok_prefix = ok_prefix & agree
-        control_valid = same_doc(k + 2)
+        control_valid = same_doc(k + 2) & (shifted(main_BT, k + 1) != shifted(main_BT, k))
         control = (draft == shifted(main_BT, k + 1)) & control_valid
         out.append(jnp.stack([valid.sum(), agree.sum(), ok_prefix.sum(), control_valid.sum(), control.sum()]))
         nxt = draft

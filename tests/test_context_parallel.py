@@ -4,12 +4,12 @@ slice, exactly on a slice boundary, and rows with leading padding; the conv halo
 the gathered K/V really run (ppermute / all_gather in the program)."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
+from tests.cpu_env import cpu_env
 
 pytestmark = pytest.mark.pending  # not yet seen passing on the merged code (issue 17/12)
 
@@ -53,7 +53,7 @@ SCRIPT = textwrap.dedent('''
 
 @pytest.mark.parametrize("impl", ["xla_blocked"])
 def test_sequence_mesh_forward_and_gradients_equal_one_device(impl):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = cpu_env(8)
     out = subprocess.run([sys.executable, "-c", SCRIPT, impl], env=env, capture_output=True, text=True, timeout=2400)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])

@@ -2,12 +2,12 @@
 (values and gradients, 4 fake CPU devices, interpret mode), and the real train step compiles for a TPU topology."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
+from tests.cpu_env import cpu_env
 
 SCRIPT = textwrap.dedent('''
     import json, jax, jax.numpy as jnp, numpy as np
@@ -48,7 +48,7 @@ SCRIPT = textwrap.dedent('''
 
 
 def test_pallas_delta_rule_under_a_mesh_runs_per_shard_and_equals_unsharded():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    env = cpu_env(4)
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])

@@ -2,11 +2,12 @@
 memory stays near one tensor, far below the model; hf.save from the sharded arrays streams and is exact."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+from tests.cpu_env import cpu_env
 
 SCRIPT = textwrap.dedent('''
     import json, sys, tracemalloc
@@ -43,7 +44,7 @@ SCRIPT = textwrap.dedent('''
 
 
 def test_load_onto_mesh_places_each_tensor_with_bounded_host_memory(tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = cpu_env(8)
     root = Path(__file__).resolve().parents[1]
     res = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], env=env, cwd=root, capture_output=True,
                          text=True, timeout=600)

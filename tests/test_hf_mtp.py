@@ -53,7 +53,7 @@ def test_acceptance_counts_equal_a_direct_loop():
             if t + 2 < 20 and seg[b, t + 2] == seg[b, t]:
                 n += 1
                 agree += draft[b, t] == main[b, t + 1]
-            if t + 3 < 20 and seg[b, t + 3] == seg[b, t]:
+            if t + 3 < 20 and seg[b, t + 3] == seg[b, t] and main[b, t + 2] != main[b, t + 1]:
                 n_c += 1
                 control += draft[b, t] == main[b, t + 2]
     assert rows[0]["positions"] == n == 2 * 18 - 2

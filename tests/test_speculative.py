@@ -11,6 +11,7 @@ import pytest
 
 from pallas_kernels.gated_delta_rule.reference import recurrent_gated_delta_rule, recurrent_gated_delta_rule_states
 from qwen35_jax import forward, generate, init_params, load_config
+from qwen35_jax import model as model_lib
 from qwen35_jax.generation import Sampling, _programs, _speculative_programs, accept
 from qwen35_jax.layers import gdn
 from qwen35_jax.model import checkpoint_cache, forward_cached, init_cache, init_mtp_cache, select_checkpoint
@@ -87,6 +88,11 @@ def test_no_gdn_layer_runs_a_token_twice_in_a_round(monkeypatch, k):
 
     for name in ("chunk_gated_delta_rule", "recurrent_gated_delta_rule_states", "delta_rule_per_shard"):
         monkeypatch.setattr(gdn, name, counting(getattr(gdn, name)))
+
+    def fresh_traces():  # forward_cached's compiled program keeps its trace: retrace so the counters see every call
+        model_lib._jitted_cached_forward.cache_clear()
+
+    fresh_traces()
     start, verify_round, run_rounds = _speculative_programs.__wrapped__(cfg, Sampling(), k)
     cache = checkpoint_cache(dict(init_cache(cfg, 1, 64), index=jnp.zeros((1,), jnp.int32)))
     mtp_cache = dict(init_mtp_cache(cfg, 1, 64), index=jnp.zeros((1,), jnp.int32))
@@ -94,11 +100,13 @@ def test_no_gdn_layer_runs_a_token_twice_in_a_round(monkeypatch, k):
             jnp.zeros((1, k, 0)), jnp.zeros((1,), jnp.int32), jax.random.key(0))
     jax.make_jaxpr(verify_round)(*args)
     round_calls, calls[:] = calls[:], []
+    fresh_traces()
     jax.make_jaxpr(lambda p, t, c: forward_cached(cfg, p, t, c))(params, jnp.zeros((1, k + 1), jnp.int32), cache)
     assert calls and set(calls) == {k + 1}
     assert sorted(round_calls) == sorted(calls)
     # the compiled loop of rounds, too (its body is one round)
     calls[:] = []
+    fresh_traces()
     state = (cache, mtp_cache) + args[3:]
     jax.make_jaxpr(run_rounds)(params, state, jnp.array([-1]), jnp.array([8]), jnp.array([False]))
     assert sorted(calls) == sorted(round_calls)

@@ -9,7 +9,7 @@ import pytest
 from experiments import ablate
 from experiments.ablate import ablate_main
 from experiments.report import CSV_COLUMNS
-from experiments.sweep import build_sweep, load_sweep
+from experiments.sweep import build_sweep, load_sweep, spec_defaults, spec_difference
 from qwen35_jax.config import ConfigError
 from qwen35_jax.errors import UserError
 
@@ -88,6 +88,17 @@ def test_shards_split_the_grid(capsys):
     listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
     assert listed == [r.run_id for r in sweep.runs[1::5]]
     assert len({r.run_id for r in sweep.runs}) == len(sweep.runs) == 9 * 3 * 3  # variants x lengths x lrs
+
+
+def test_a_field_added_after_a_run_was_recorded_matches_only_at_its_default():
+    run = load_sweep("mqar").runs[0]
+    old = {**run.spec, "model": {k: v for k, v in run.spec["model"].items() if k != "attention_impl"}}
+    assert run.spec["model"]["attention_impl"] == "auto"
+    assert spec_difference(old, run.spec, spec_defaults()) is None
+    assert spec_difference(old, run.spec) == "model.attention_impl"  # without defaults: any missing key differs
+    changed = {**run.spec, "model": {**run.spec["model"], "attention_impl": "xla_dense"}}
+    assert spec_difference(old, changed, spec_defaults()) == "model.attention_impl"
+    assert spec_difference(run.spec, {**run.spec, "lr": 1.0}, spec_defaults()) == "lr"
 
 
 @pytest.mark.parametrize("change, key", [

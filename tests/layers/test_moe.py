@@ -3,7 +3,6 @@ hand-computed formulas, expert parallelism on 8 fake CPU devices against the sin
 TPU compile of one expert-parallel layer (forward and backward)."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 from qwen35_jax import load_config
 from qwen35_jax.layers.moe import MoE
 from qwen35_jax.train.losses import load_balancing_loss, router_z_loss
+from tests.cpu_env import cpu_env
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -185,7 +185,7 @@ def ep_report(meshes, capacity_mesh) -> dict:
 def ep_results():
     script = f"import json; from tests.layers.test_moe import ep_report; print(json.dumps(ep_report({MESHES!r}, " \
              f"{CAPACITY_MESH!r})))"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = cpu_env(8)
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -42,14 +42,3 @@ def overrides(settings: dict, **changes) -> list[str]:
     merged = {**settings, **{k.replace("__", "."): v for k, v in changes.items()}}
     return [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
             if isinstance(v, dict) else f"{k}={v}" for k, v in merged.items()]
-
-
-@pytest.fixture(scope="session", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Every train() call builds fresh closures, so jax's in-memory cache misses; identical programs (resume, eval,
-    the sampler) hit this persistent cache instead of compiling again."""
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax-cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -3,13 +3,13 @@ StableHLO `train` lowers for its first real step (state from init, batch from th
 what `aot` lowers from abstract inputs, on a 4-device fake CPU mesh with fsdp, data parallelism and grad_accum."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
+from tests.cpu_env import cpu_env
 from tests.train.conftest import REPO, overrides
 
 pytestmark = pytest.mark.pending  # not yet seen passing on the merged code (issue 12)
@@ -50,7 +50,7 @@ SCRIPT = textwrap.dedent('''
 def test_aot_lowers_the_same_stablehlo_as_train(micro, tmp_path):
     settings = overrides(micro, run_dir=str(tmp_path / "run"), mesh={"data": 2, "fsdp": 2},
                          optimizer__grad_accum=2, steps=2)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    env = cpu_env(4)
     out = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(settings)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]

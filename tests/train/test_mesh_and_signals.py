@@ -2,7 +2,6 @@
 the next invocation resumes from that step."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,6 +18,7 @@ SCRIPT = """
 import json, sys
 from qwen35_jax.train.config import load_train_config
 from qwen35_jax.train.main import train
+from tests.cpu_env import cpu_env
 settings = json.loads(sys.argv[1])
 for i, mesh in enumerate(json.loads(sys.argv[2])):
     train(load_train_config(None, {**settings, "mesh": mesh, "run_dir": settings["run_dir"] + str(i)}))
@@ -35,7 +35,7 @@ def test_fake_device_meshes_match_one_device(micro, tmp_path):
                 "batch_size": 8}
     single = tmp_path / "single"
     train(load_train_config(None, {**settings, "run_dir": str(single)}))
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = cpu_env(8)
     out = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps({**settings, "run_dir": str(tmp_path / "mesh")}),
                           json.dumps(MESHES)], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -53,7 +53,7 @@ def test_sigterm_saves_and_the_next_run_resumes(micro, tmp_path):
     run_dir = tmp_path / "sig"
     args = [f"{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in micro.items()]
     args += [f"run_dir={run_dir}", "steps=100000", "checkpoint_every=100000", "eval_every=100000"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env = cpu_env()
     proc = subprocess.Popen([sys.executable, "-m", "qwen35_jax.cli", "train", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = run_dir / "metrics.jsonl"
@@ -80,7 +80,7 @@ def test_sigkill_mid_run_resumes_from_the_last_complete_checkpoint(micro, tmp_pa
     args = [f"{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in micro.items()]
     args += [f"run_dir={run_dir}", "steps=100000", "checkpoint_every=2", "eval_every=100000"]
     proc = subprocess.Popen([sys.executable, "-m", "qwen35_jax.cli", "train", *args],
-                            env={**os.environ, "JAX_PLATFORMS": "cpu"}, stdout=subprocess.DEVNULL,
+                            env=cpu_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     ckpts = run_dir / "checkpoints"
     deadline = time.time() + 300
