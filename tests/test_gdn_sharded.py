@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import pytest
+
 from tests.cpu_env import cpu_env
 
 SCRIPT = textwrap.dedent('''
@@ -16,7 +17,8 @@ SCRIPT = textwrap.dedent('''
 
     def cfg_for(impl):
         return load_config("tiny", vocab_size=61, hidden_size=32, num_layers=2, layer_pattern="G", num_heads=2,
-                           num_kv_heads=2, head_dim=16, gdn_num_key_heads=2, gdn_num_value_heads=4, gdn_key_dim=8, gdn_value_dim=8,
+                           num_kv_heads=2, head_dim=16, gdn_num_key_heads=2, gdn_num_value_heads=4, gdn_key_dim=8,
+                           gdn_value_dim=8,
                            num_experts=0, intermediate_size=24, shared_expert_intermediate_size=0, gdn_chunk_size=16,
                            tie_word_embeddings=False, mtp_num_layers=0, gdn_impl=impl)
 

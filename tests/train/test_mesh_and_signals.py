@@ -1,5 +1,5 @@
-"""The same run on one device and on 8 fake CPU devices under several meshes; SIGTERM saves and exits cleanly, and
-the next invocation resumes from that step."""
+"""The same run on one device and on 8 fake CPU devices under a mesh that splits fsdp, tensor and expert; SIGTERM
+saves and exits cleanly, and the next invocation resumes from that step."""
 
 import json
 import signal
