@@ -155,9 +155,13 @@ class Qwen35(nn.Module):
 
     def logits(self, h_BTD):
         dtype, _ = dtypes(self.cfg)
-        w_DV = self.embed_tokens.embedding.T if self.cfg.tie_word_embeddings else self.lm_head
-        # lax.dot_general, not jnp.dot: jnp.dot is a cached jit, so qwix's FP8 interception would leak across calls
-        logits = jax.lax.dot_general(h_BTD.astype(dtype), w_DV.astype(dtype), (((h_BTD.ndim - 1,), (0,)), ((), ())),
+        # tied: contract with the embedding's own D axis ([V, D]); a transposed view made XLA CPU copy the whole
+        # table at every decode step. lax.dot_general, not jnp.dot: jnp.dot is a cached jit, so qwix's FP8
+        # interception would leak across calls
+        tied = self.cfg.tie_word_embeddings
+        w = self.embed_tokens.embedding if tied else self.lm_head
+        logits = jax.lax.dot_general(h_BTD.astype(dtype), w.astype(dtype), (((h_BTD.ndim - 1,), (1 if tied else 0,)),
+                                                                             ((), ())),
                                      preferred_element_type=accum_dtype(dtype))
         return constrain(logits, ("batch", "seq", "vocab"))
 

@@ -48,9 +48,12 @@ def field(default=dataclasses.MISSING, *, doc: str = "", default_factory=datacla
 
 
 def read_yaml_mapping(path, what: str) -> dict:
-    """A YAML file that must hold a mapping (an empty file is {}); bad YAML or another type is a one-line error."""
+    """A YAML file (local or gs://) that must hold a mapping (an empty file is {}); bad YAML or another type is a
+    one-line error."""
+    from qwen35_jax import paths
+
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = yaml.safe_load(paths.path(path).read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -58,9 +61,11 @@ def read_yaml_mapping(path, what: str) -> dict:
     return data
 
 
-def resolve_file(name_or_path: str, folder: Path, what: str) -> Path:
-    """A YAML path, or a NAME of `folder/NAME.yaml` (unknown names suggest the nearest)."""
-    path = Path(str(name_or_path))
+def resolve_file(name_or_path: str, folder: Path, what: str):
+    """A YAML path (local or gs://), or a NAME of `folder/NAME.yaml` (unknown names suggest the nearest)."""
+    from qwen35_jax import paths
+
+    path = paths.path(str(name_or_path))
     if path.suffix not in (".yaml", ".yml"):
         candidate = folder / f"{name_or_path}.yaml"
         if candidate.exists():

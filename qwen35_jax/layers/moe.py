@@ -2,7 +2,10 @@
 and a shared SwiGLU expert scaled per token by a sigmoid gate.
 
 Dispatch sorts the N*k (token, expert) assignments by expert and runs two grouped matmuls over the sorted rows, so
-the cost per token is independent of the number of experts (no one-hot [N, E] dispatch tensors). Router statistics
+the cost per token is independent of the number of experts (no one-hot [N, E] dispatch tensors). A handful of
+tokens (decoding, a speculative verify pass: at most `GATHER_MAX_ROWS` assignments, and no more than the experts)
+instead gathers each assignment's expert weights and runs batched mat-vecs: the weights are read once per
+assignment, as a decode step must, without the grouped matmul's work-item loop. Router statistics
 (assignment counts and probability sums per expert, token count, z-loss sum) are returned as sums, so the trainer
 can pool them over layers and the global batch before forming the load-balancing loss. Routing runs on the sharded
 global batch, so under a mesh these sums are global-batch sums; with an `expert` mesh axis the routed experts run
@@ -42,6 +45,20 @@ def router_stats(logits_NE, probs_NE, experts_NK, token_mask_N):
             "tokens": jnp.sum(mask), "z_sq": jnp.sum(jnp.square(z_N) * mask)}
 
 
+GATHER_MAX_ROWS = 64  # up to this many (token, expert) assignments, the experts' weights are gathered per assignment
+
+
+def gathered_swiglu(x_ND, weights_NK, experts_NK, w_gate_up_EDF2, w_down_EFD):
+    """The routed experts for a few tokens: per (token, expert) assignment, that expert's weights gathered and one
+    batched mat-vec per projection, combined with the routing weights. Same result as the sorted dispatch."""
+    F2 = w_gate_up_EDF2.shape[-1]
+    x_NKD = jnp.broadcast_to(x_ND[:, None], experts_NK.shape + x_ND.shape[-1:])
+    h_NKF2 = jnp.einsum("nkd,nkdf->nkf", x_NKD, w_gate_up_EDF2[experts_NK], preferred_element_type=x_ND.dtype)
+    h_NKF = jax.nn.silu(h_NKF2[..., : F2 // 2]) * h_NKF2[..., F2 // 2:]
+    y_NKD = jnp.einsum("nkf,nkfd->nkd", h_NKF, w_down_EFD[experts_NK], preferred_element_type=x_ND.dtype)
+    return jnp.einsum("nkd,nk->nd", y_NKD, weights_NK.astype(y_NKD.dtype))
+
+
 def expert_capacity(capacity_factor: float, num_tokens: int, k: int, num_experts: int) -> int:
     """Rows each expert keeps per dispatch group (the rest are dropped): capacity_factor x the balanced load."""
     return int(max(1, round(capacity_factor * num_tokens * k / num_experts)))
@@ -53,6 +70,9 @@ def dispatch_combine(x_ND, weights_NK, experts_NK, w_gate_up_EDF2, w_down_EFD, *
     N, D = x_ND.shape
     k = experts_NK.shape[-1]
     E = w_gate_up_EDF2.shape[0]
+    if fp8 is None and capacity_factor <= 0 and impl != "reference" and N * k <= min(GATHER_MAX_ROWS, E):
+        # measured on CPU (tiny, 16 experts top-4): 1 token 3.3 -> 1.9 ms per decode step, 4 tokens 5.5 -> 4.9 ms
+        return gathered_swiglu(x_ND, weights_NK, experts_NK, w_gate_up_EDF2, w_down_EFD)
     flat_experts = experts_NK.reshape(-1)
     order = jnp.argsort(flat_experts, stable=True)
     token_of_row = order // k

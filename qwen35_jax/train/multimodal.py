@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwen35_jax import paths
 from qwen35_jax.errors import UserError
 
 TINY_VISION = {"depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2,
@@ -57,7 +58,7 @@ def build(config=None, overrides=()):
     if isinstance(config, (str, Path)):
         from qwen35_jax.schema import read_yaml_mapping
 
-        base = {**base, **read_yaml_mapping(Path(config), "train keys")}
+        base = {**base, **read_yaml_mapping(config, "train keys")}
     elif isinstance(config, dict):
         base = {**base, **config}
     ov = parse_overrides(overrides)
@@ -101,7 +102,7 @@ def train_vl(config=None, overrides=(), *, quiet: bool = False) -> dict:
     from qwen35_jax.train.step import init_state, make_train_step
 
     tcfg, model_cfg, train_src, val_src, tokenizer, image_size = build(config, overrides)
-    run_dir = Path(tcfg.run_dir)
+    run_dir = paths.path(tcfg.run_dir)  # local or gs://
     run_dir.mkdir(parents=True, exist_ok=True)
     params = init_params(model_cfg, jax.random.key(tcfg.seed))
     tx, schedule = make_optimizer(tcfg.optimizer, tcfg.steps, params)
@@ -134,7 +135,7 @@ def train_vl(config=None, overrides=(), *, quiet: bool = False) -> dict:
             row["text_floor_nats"] = SHAPES_TEXT_FLOOR_NATS
         return row
 
-    metrics = open(run_dir / "metrics.jsonl", "w")
+    metrics = (run_dir / "metrics.jsonl").open("w")
 
     def log(row):
         metrics.write(json.dumps(row) + "\n")

@@ -43,7 +43,10 @@ def toy_config(**kw):
 # transformers parity
 
 
-def test_moe_layer_matches_transformers_sparse_block():
+@pytest.mark.parametrize("B,T", [(2, 7), (1, 2)], ids=["sorted-dispatch", "few-tokens-gathered"])
+def test_moe_layer_matches_transformers_sparse_block(B, T):
+    """14 tokens run the sorted grouped-matmul dispatch; 2 tokens (a decode or verify step: 6 assignments of 8
+    experts) gather each assignment's expert weights instead. Both against transformers."""
     import torch
     from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeSparseMoeBlock
 
@@ -66,13 +69,15 @@ def test_moe_layer_matches_transformers_sparse_block():
               "down_proj": swap(w["experts.down_proj"]), "shared_expert_gate": w["shared_expert_gate.weight"].T,
               "shared_expert": {n: {"kernel": w[f"shared_expert.{n}.weight"].T}
                                 for n in ("gate_proj", "up_proj", "down_proj")}}
-    x = np.random.default_rng(1).normal(size=(2, 7, cfg.hidden_size)).astype(np.float32)
-    ours, stats = jax.jit(MoE(cfg).apply)({"params": jax.tree.map(jnp.asarray, params)}, jnp.asarray(x),
-                                          token_mask_BT=jnp.ones((2, 7), bool))
+    x = np.random.default_rng(1).normal(size=(B, T, cfg.hidden_size)).astype(np.float32)
+    apply = lambda p, x: MoE(cfg).apply({"params": p}, x, token_mask_BT=jnp.ones((B, T), bool))  # noqa: E731
+    p = jax.tree.map(jnp.asarray, params)
+    ours, stats = jax.jit(apply)(p, jnp.asarray(x))
     with torch.no_grad():
         ref = block(torch.from_numpy(x)).numpy()
     assert max_rel_err(ours, ref) <= 1e-5
-    assert float(jnp.sum(stats["counts"])) == 2 * 7 * cfg.experts_per_token
+    assert float(jnp.sum(stats["counts"])) == B * T * cfg.experts_per_token
+    assert (" while[" in str(jax.make_jaxpr(apply)(p, jnp.asarray(x)))) == (B * T > 2)  # the gmm work-item loop
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """Two `qwen35 train` processes joined by `jax.distributed` on localhost (one CPU device each) train exactly like
 one process over two devices: the same global batches, losses, gradient norms and validation loss, with parameters
-fsdp-sharded across the processes, and orbax saves the final checkpoint from both."""
+fsdp-sharded across the processes, and orbax saves the final checkpoint from both. Killed and resumed over a corrupt
+newest checkpoint (corrupt in process 0's shards only), both processes fall back to the same older one, process 0
+alone sets the corrupt one aside, and the losses are those of an uninterrupted run."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -11,12 +12,12 @@ import time
 
 import pytest
 
+from tests.cpu_env import cpu_env
 from tests.train.conftest import overrides
 
 TIMEOUT_S = 240
 # Compile time dominates on a 2-core CPU: one attention layer without MTP compiles ~3x faster than the micro stack
-# (GDN, MTP and the mixes are covered by the one-process mesh tests), and LLVM -O0 another ~3x; both runs use it.
-XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_force_host_platform_device_count="
+# (GDN, MTP and the mixes are covered by the one-process mesh tests).
 MODEL = {"model.num_layers": 1, "model.layer_pattern": "A", "model.mtp_num_layers": 0}
 
 
@@ -27,7 +28,7 @@ def free_port() -> int:
 
 
 def launch(settings, run_dir, log, devices, distributed=(), cache_dir=None):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"{XLA_FLAGS}{devices}"}
+    env = cpu_env(devices)
     if cache_dir:  # a rerun of the same program loads it instead of compiling again
         env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
@@ -93,12 +94,15 @@ def last_rows(run_dir):
 
 
 def test_kill_both_processes_and_resume_gives_the_uninterrupted_losses(micro, tmp_path):
-    """SIGKILL both processes of a two-process run once a checkpoint is committed, rerun them: the resumed run
-    starts from that checkpoint and every step's loss equals an uninterrupted run's."""
+    """SIGKILL both processes of a two-process run once two checkpoints are committed, write garbage into the newest
+    one's array data (process 0's shards only: process 1 can read its own), rerun them: both processes agree that
+    it is corrupt and resume from the older one, process 0 alone moves the corrupt step aside (one copy), and every
+    step's loss equals an uninterrupted run's."""
     steps = 40
     settings = {**micro, **MODEL, "mesh": {"fsdp": 2}, "steps": steps, "log_every": 1, "eval_every": 1000,
                 "checkpoint_every": 4, "sample_tokens": 0}
     ref_dir, run_dir = tmp_path / "reference", tmp_path / "killed"
+    ckpts = run_dir / "checkpoints"
     ref = launch(settings, ref_dir, tmp_path / "reference.log", devices=2)
 
     def two_processes(tag):
@@ -107,12 +111,14 @@ def test_kill_both_processes_and_resume_gives_the_uninterrupted_losses(micro, tm
                           cache_dir=tmp_path / "jax-cache")
                 for i in range(2)}
 
+    def committed():
+        return sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) if ckpts.exists() else []
+
     procs = two_processes("first")
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while time.monotonic() < deadline and all(p.poll() is None for p in procs.values()):
-            ckpts = run_dir / "checkpoints"
-            if ckpts.exists() and any(p.name.isdigit() and int(p.name) >= 4 for p in ckpts.iterdir()):
+            if len(committed()) >= 2:
                 break
             time.sleep(0.02)
     finally:
@@ -120,13 +126,23 @@ def test_kill_both_processes_and_resume_gives_the_uninterrupted_losses(micro, tm
             p.kill()
             p.wait()
     assert not (run_dir / "summary.json").exists(), "the run finished before it was killed"
+    *_, older, newest = committed()
+    shards = [f for f in (ckpts / str(newest) / "state").rglob("*")
+              if f.is_file() and f.parent.name == "d" and "process_1" not in str(f.relative_to(ckpts))]
+    assert shards, sorted(str(f) for f in (ckpts / str(newest)).rglob("*"))
+    for f in shards:
+        f.write_bytes(b"garbage")
     procs = two_processes("resume")
     wait_all({**procs, "reference": ref}, TIMEOUT_S)
     for name, p in {**procs, "reference": ref}.items():
         assert p.returncode == 0, f"{name} exited with {p.returncode}:\n{p.log.read_text()[-3000:]}"
-    out = procs[0].log.read_text()
-    resumed_from = int(out.split(f"resuming {run_dir} from step ")[1].split()[0])
-    assert 4 <= resumed_from < steps
+    out = procs[0].log.read_text()  # process 0 alone logs
+    assert f"checkpoint {ckpts / str(newest)} is corrupt or partial" in out, out[-3000:]
+    assert "moved the unreadable checkpoint" in out
+    # one copy set aside (a second mover would fail on the missing folder or leave a second entry); both processes
+    # resumed from the older step (one at `newest` would desynchronise the collectives and the losses below)
+    assert [p.name.split(".")[0] for p in (run_dir / "checkpoints.corrupt").iterdir()] == [str(newest)]
+    assert int(out.split(f"resuming {run_dir} from step ")[1].split()[0]) == older
     want, got = last_rows(ref_dir), last_rows(run_dir)
     assert sorted(got) == sorted(want) == list(range(1, steps + 1))
     for s in want:

@@ -1,4 +1,4 @@
-"""A run whose run_dir, data and tokenizer are on gs://, against a GCS emulator on loopback started here
+"""A run whose recipe YAML, run_dir, data and tokenizer are on gs://, against a GCS emulator on loopback started here
 (gcp-storage-emulator): everything lands in the bucket (checkpoints through orbax/tensorstore, the rest through
 paths.py/gcsfs), no local `gs:` folder appears, the recipe's `data.path: gs://.../train/*.array_record` glob reads
 the ArrayRecord shards from the bucket, and a rerun resumes from the bucket's checkpoint with the same losses."""
@@ -12,8 +12,9 @@ import time
 
 import pytest
 
+from tests.cpu_env import cpu_env
 from tests.train.conftest import REPO, overrides
-from tests.train.test_distributed import MODEL, XLA_FLAGS, free_port
+from tests.train.test_distributed import MODEL, free_port
 
 BUCKET = "qwen35-test"
 TIMEOUT_S = 300
@@ -84,12 +85,13 @@ def _stage_data(micro, tmp_path):
     return len(texts)
 
 
-def _train(settings, cwd, env, log):
-    env = {**os.environ, **env, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"{XLA_FLAGS}1",
+def _train(settings, cwd, env, log, config=None):
+    env = {**cpu_env(), **env,
            "QWEN35_CACHE": str(cwd / "cache"), "JAX_COMPILATION_CACHE_DIR": str(cwd / "jax-cache"),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     with open(log, "w") as out:
-        proc = subprocess.run([sys.executable, "-m", "qwen35_jax.cli", "train", *overrides(settings)], cwd=cwd,
+        proc = subprocess.run([sys.executable, "-m", "qwen35_jax.cli", "train", *([config] if config else []),
+                               *overrides(settings)], cwd=cwd,
                               env=env, stdout=out, stderr=subprocess.STDOUT, timeout=TIMEOUT_S)
     assert proc.returncode == 0, log.read_text()[-3000:]
     return log.read_text()
@@ -101,13 +103,20 @@ def _rows(text):
 
 
 def test_gs_run_dir_data_glob_and_resume(gcs, micro, tmp_path):
+    import yaml
+
+    from qwen35_jax import paths
+
     n_docs = _stage_data(micro, tmp_path)
     run = f"gs://{BUCKET}/runs/r1"
-    settings = {k: v for k, v in {**micro, **MODEL}.items() if k != "eval_data"}
-    settings.update({"data": {"kind": "array_record", "path": f"gs://{BUCKET}/data/train/*.array_record"},
-                     "tokenizer": f"gs://{BUCKET}/tok/tokenizer.model", "run_dir": run, "steps": 4,
-                     "checkpoint_every": 2, "eval_every": 4, "tensorboard": True, "sample_tokens": 4})
-    _train(settings, tmp_path, gcs, tmp_path / "first.log")
+    # the recipe itself is a YAML file in the bucket, as a pod launch reads it; the micro model as overrides
+    recipe = {"data": {"kind": "array_record", "path": f"gs://{BUCKET}/data/train/*.array_record"},
+              "tokenizer": f"gs://{BUCKET}/tok/tokenizer.model", "run_dir": run, "steps": 4,
+              "checkpoint_every": 2, "eval_every": 4, "tensorboard": True}
+    recipe_path = f"gs://{BUCKET}/configs/recipe.yaml"
+    paths.path(recipe_path).write_text(yaml.safe_dump(recipe))
+    settings = {k: v for k, v in {**micro, **MODEL}.items() if k not in ("eval_data", *recipe)}
+    _train({**settings, "sample_tokens": 4}, tmp_path, gcs, tmp_path / "first.log", config=recipe_path)
     fs = _fs()
     bucket_run = f"{BUCKET}/runs/r1"
     names = {p.rsplit("/", 1)[-1] for p in fs.ls(bucket_run)}
@@ -127,7 +136,7 @@ def test_gs_run_dir_data_glob_and_resume(gcs, micro, tmp_path):
     # resume from the bucket: drop the newest checkpoint as a crash after step 2 would
     fs.rm(f"{bucket_run}/checkpoints/4", recursive=True)
     fs.pipe(f"{bucket_run}/metrics.jsonl", b"")
-    out = _train({**settings, "sample_tokens": 0}, tmp_path, gcs, tmp_path / "resume.log")
+    out = _train({**settings, "sample_tokens": 0}, tmp_path, gcs, tmp_path / "resume.log", config=recipe_path)
     assert f"resuming {run} from step 2" in out
     resumed, _ = _rows(_fs().cat(f"{bucket_run}/metrics.jsonl").decode())
     assert resumed == {s: v for s, v in first.items() if s > 2}
@@ -135,14 +144,17 @@ def test_gs_run_dir_data_glob_and_resume(gcs, micro, tmp_path):
 
 
 def test_params_only_restore_and_glob_errors_on_gs(gcs, micro, tmp_path):
-    """Parameters from a gs:// run directory without the optimizer state; a glob with no match names it."""
+    """Parameters from a gs:// run directory without the optimizer state; a glob with no match names it; a missing
+    or malformed YAML recipe on gs:// is a one-line error naming it."""
     import jax
     import jax.numpy as jnp
 
     from qwen35_jax import paths
     from qwen35_jax.data.sources import document_source
     from qwen35_jax.errors import UserError
+    from qwen35_jax.schema import ConfigError
     from qwen35_jax.train.checkpoint import Checkpointer
+    from qwen35_jax.train.config import load_train_config
 
     ckpt = Checkpointer(f"gs://{BUCKET}/small/checkpoints", async_save=False)
     state = {"params": {"w": jnp.arange(6.0).reshape(2, 3)}, "opt_state": {"mu": jnp.ones((2, 3))}}
@@ -153,5 +165,10 @@ def test_params_only_restore_and_glob_errors_on_gs(gcs, micro, tmp_path):
     reader.close()
     assert step == 1 and list(params) == ["w"] and (params["w"] == state["params"]["w"]).all()
     assert paths.glob(f"gs://{BUCKET}/small/checkpoints/*")
+    with pytest.raises(ConfigError, match=rf"training config file 'gs://{BUCKET}/configs/missing.yaml' does not"):
+        load_train_config(f"gs://{BUCKET}/configs/missing.yaml")
+    paths.path(f"gs://{BUCKET}/configs/list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match=rf"gs://{BUCKET}/configs/list.yaml: expected a mapping"):
+        load_train_config(f"gs://{BUCKET}/configs/list.yaml")
     with pytest.raises(UserError, match=r"no files match '\*.array_record' under gs://"):
         document_source({"kind": "array_record", "path": f"gs://{BUCKET}/nothing/*.array_record"})
