@@ -26,10 +26,11 @@ def load_source(source: str):
     record = json.loads(config.read_text())
     if (path / "checkpoints").exists():
         from qwen35_jax.train import data as train_data
-        from qwen35_jax.train.convert import load_orbax_params, read_model_config
+        from qwen35_jax.train.convert import load_orbax_params, read_model_config, run_abstract_params
 
         cfg = read_model_config(path)
-        params = load_orbax_params(path, cfg, warn=lambda msg: print(msg, file=sys.stderr))  # stdout: the text
+        params = load_orbax_params(path, cfg, warn=lambda msg: print(msg, file=sys.stderr),  # stdout: the text
+                                   abstract=run_abstract_params(path))
         tokenizer = train_data.tokenizer_for(types.SimpleNamespace(tokenizer=record.get("tokenizer")))
         return cfg, params, tokenizer
     from qwen35_jax import hf

@@ -9,9 +9,8 @@ import sys
 import textwrap
 
 import pytest
-from tests.cpu_env import cpu_env
 
-pytestmark = pytest.mark.pending  # not yet seen passing on the merged code (issue 17/12)
+from tests.cpu_env import cpu_env
 
 SCRIPT = textwrap.dedent('''
     import json, sys, jax, jax.numpy as jnp, numpy as np

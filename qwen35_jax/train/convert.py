@@ -36,9 +36,20 @@ def read_model_config(path):
     raise UserError(f"{path}: neither model.json (converted checkpoint) nor config.json (run directory)")
 
 
-def load_orbax_params(path, cfg=None, warn=print):
+def run_abstract_params(run_dir):
+    """A run directory's parameters as the run builder lays them out (train/run.py), over this host's devices:
+    the run's own model, its parameter shardings on a mesh that splits fsdp across whatever devices are here (a run
+    trained on a pod restores sharded over one host's chips, or whole on one CPU)."""
+    from qwen35_jax.train.run import run_from_dir
+
+    return run_from_dir(run_dir, {"mesh": {"fsdp": -1}}).abstract_params()
+
+
+def load_orbax_params(path, cfg=None, warn=print, abstract=None):
     """Params from a converted folder (`params/`) or a run directory: the newest readable checkpoint's parameters
-    only (no optimizer moments), with the training run's fallback past a corrupt newest step (nothing moved)."""
+    only (no optimizer moments), with the training run's fallback past a corrupt newest step (nothing moved).
+    `abstract`: the sharded ShapeDtypeStructs to restore into (generate and convert: `run_abstract_params`);
+    default: the shapes of `cfg` (or the run's model.json / config.json model), whole on the first device."""
     from qwen35_jax.model import init_params
     from qwen35_jax.train.checkpoint import Checkpointer
 
@@ -49,11 +60,12 @@ def load_orbax_params(path, cfg=None, warn=print):
             return ckptr.restore(path / "params")
     ckpt_dir = path / "checkpoints"
     if ckpt_dir.exists():
-        cfg = cfg if cfg is not None else read_model_config(path)
-        shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+        if abstract is None:
+            cfg = cfg if cfg is not None else read_model_config(path)
+            abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
         ckpt = Checkpointer(ckpt_dir, read_only=True)
         try:
-            restored = ckpt.restore_latest(shapes, warn=warn, params_only=True)
+            restored = ckpt.restore_latest(abstract, warn=warn, params_only=True)
         finally:
             ckpt.close()
         if restored is None:
@@ -74,7 +86,9 @@ def convert_main(argv) -> int:
         save_orbax_params(cfg, params, args.dst)
     else:
         cfg = read_model_config(args.src)
-        params = load_orbax_params(args.src, cfg)
+        src = paths.path(args.src)
+        abstract = run_abstract_params(src) if (src / "checkpoints").exists() else None
+        params = load_orbax_params(src, cfg, abstract=abstract)
         if paths.is_remote(args.dst):  # safetensors are written locally, then uploaded
             with tempfile.TemporaryDirectory(prefix="qwen35-convert-") as tmp:
                 hf.save(cfg.replace(param_dtype=args.dtype), params, tmp)

@@ -13,8 +13,6 @@ from qwen35_jax.train.config import load_train_config
 from qwen35_jax.train.main import train
 from tests.cpu_env import cpu_env
 
-pytestmark = pytest.mark.pending  # not yet seen passing on the merged code (issue 17/12)
-
 
 def read_metrics(run_dir):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -121,7 +121,8 @@ def test_nonfinite_loss_is_reported_with_its_step(micro, tmp_path, policy):
 
 def test_generate_and_convert_restore_parameters_only_past_a_corrupt_newest(full_run, tmp_path, capsys):
     """`generate RUN_DIR` and `convert orbax-to-hf RUN_DIR` read the newest readable checkpoint's parameters (no
-    optimizer state), report a corrupt newest one in a line, use the previous one, and move nothing."""
+    optimizer state) through the run builder, report a corrupt newest one in a line, use the previous one, and move
+    nothing."""
     import jax
     import orbax.checkpoint as ocp
 
@@ -142,6 +143,8 @@ def test_generate_and_convert_restore_parameters_only_past_a_corrupt_newest(full
     err = capsys.readouterr().err
     assert err.count("is corrupt or partial") == 1 and "/checkpoints/12 is corrupt" in err
     assert jax.tree.structure(params) == jax.tree.structure(expected)  # parameters only, no AdamW moments
+    # restored into the run builder's layout (its mesh and parameter shardings), not whole onto one device
+    assert all(isinstance(x.sharding, jax.sharding.NamedSharding) for x in jax.tree.leaves(params))
     assert all((a == b).all() for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(expected)))
     assert tokenizer.vocab_size == cfg.vocab_size
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == ["12", "4", "8"]
