@@ -5,6 +5,12 @@ import math
 import numpy as np
 import torch
 
+def max_rel_err(ours, ref) -> float:
+    """The largest absolute difference relative to the largest magnitude of the reference (float64)."""
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.max(np.abs(ours - ref)) / max(np.max(np.abs(ref)), 1e-30))
+
+
 FAMILIES = ("qwen3_5_dense_tied", "qwen3_5_dense_untied", "qwen3_5_moe", "qwen3_next")
 
 COMMON = dict(

@@ -8,14 +8,11 @@ import pytest
 from safetensors import safe_open
 
 from qwen35_jax import forward, hf
-from tests.hf_fixtures import FAMILIES, hf_logits, hf_model
+from tests.hf_fixtures import FAMILIES, hf_logits, hf_model, max_rel_err
 
 FP32_TOL = 1e-4
 BF16_TOL = 2e-2
 
-
-def max_rel_err(ours, ref):
-    return float(np.max(np.abs(np.asarray(ours, np.float64) - ref)) / np.max(np.abs(ref)))
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

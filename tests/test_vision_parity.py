@@ -12,7 +12,7 @@ from safetensors import safe_open
 from qwen35_jax import forward, hf
 from qwen35_jax.errors import UserError
 from qwen35_jax.vision_grid import rope_index
-from tests.hf_fixtures import VL_FAMILIES, hf_vl_logits, hf_vl_model, mm_token_type_ids, vl_prompt
+from tests.hf_fixtures import VL_FAMILIES, hf_vl_logits, hf_vl_model, max_rel_err, mm_token_type_ids, vl_prompt
 
 FP32_TOL = 1e-4
 PATCH = 3 * 2 * 16 * 16
@@ -21,9 +21,6 @@ IMAGES_0 = [(1, 4, 6), (1, 2, 2), (1, 8, 4)]
 VIDEOS_0 = [(2, 4, 4)]
 IMAGES_1 = [(1, 6, 2)]
 
-
-def max_rel_err(ours, ref):
-    return float(np.max(np.abs(np.asarray(ours, np.float64) - ref)) / np.max(np.abs(ref)))
 
 
 @pytest.fixture(scope="module", params=VL_FAMILIES)

@@ -16,13 +16,9 @@ from qwen35_jax import load_config
 from qwen35_jax.layers.moe import MoE
 from qwen35_jax.train.losses import load_balancing_loss, router_z_loss
 from tests.cpu_env import cpu_env
+from tests.hf_fixtures import max_rel_err
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def max_rel_err(ours, ref):
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return float(np.max(np.abs(ours - ref)) / max(np.max(np.abs(ref)), 1e-30))
 
 
 def random_params(module, x, mask, seed=0, scale=0.3):
