@@ -71,8 +71,7 @@ def dispatch_combine(x_ND, weights_NK, experts_NK, w_gate_up_EDF2, w_down_EFD, *
     k = experts_NK.shape[-1]
     E = w_gate_up_EDF2.shape[0]
     if fp8 is None and capacity_factor <= 0 and impl != "reference" and N * k <= min(GATHER_MAX_ROWS, E):
-        # a decode forward of the tiny MoE (16 experts, top-4) on CPU: 1.31x faster at 1 token, 1.16x at 4
-        # (benchmarks/moe_decode.py)
+        # faster for a decode or verify forward on CPU: benchmarks/moe_decode.py (numbers in benchmarks/README.md)
         return gathered_swiglu(x_ND, weights_NK, experts_NK, w_gate_up_EDF2, w_down_EFD)
     flat_experts = experts_NK.reshape(-1)
     order = jnp.argsort(flat_experts, stable=True)
