@@ -55,15 +55,15 @@ def execute(sweep: Sweep, run: Run) -> dict:
     if sweep.task == "mqar":
         from experiments.mqar_train import train_mqar
 
-        out = train_mqar(run.model, seq_len=run.seq_len, lr=run.lr, settings=run.spec["settings"], seed=sweep.seed,
+        out = train_mqar(run.model, seq_len=run.seq_len, lr=run.lr, settings=run.spec["settings"], seed=run.seed,
                          desc=run.run_id)
     else:
         from experiments.lm_run import train_lm
 
         out = train_lm(run.model, result_path(sweep, run).parent, lr=run.lr, settings=sweep.settings,
-                       seed=sweep.seed)
+                       seed=run.seed)
     record = {"run_id": run.run_id, "experiment": sweep.experiment, "task": sweep.task, "variant": run.variant,
-              "size": run.size, "label": run.label, "lr": run.lr, "seq_len": run.seq_len,
+              "size": run.size, "label": run.label, "lr": run.lr, "seq_len": run.seq_len, "seed": run.seed,
               "params": run.model.param_counts()["total"], "state_size": state_size(run.model, run.seq_len),
               "elapsed_s": time.perf_counter() - t0, **out, "spec": run.spec}
     _write_json(result_path(sweep, run), record)
@@ -103,7 +103,7 @@ def run_profiles(sweep: Sweep, jobs) -> None:
         spec = {"model": run.spec["model"], "batch_size": sweep.profile_batch_size}
         if path.exists() and json.loads(path.read_text()).get("spec") == spec:
             continue
-        p = profile_train_step(run.model, t, sweep.profile_batch_size, seed=sweep.seed)
+        p = profile_train_step(run.model, t, sweep.profile_batch_size, seed=sweep.seeds[0])
         _write_json(path, {"label": run.label, "variant": run.variant, "size": run.size, "seq_len": t,
                            "batch_size": sweep.profile_batch_size, "params": run.model.param_counts()["total"],
                            "state_size": state_size(run.model, t), **p, "spec": spec})

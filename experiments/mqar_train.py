@@ -2,7 +2,9 @@
 
 The loss is the cross entropy at the scored value positions only (zoology's convention). The learning rate is an
 argument of the jitted step rather than a constant in it, so every learning rate of a variant and sequence length
-reuses one compiled program.
+reuses one compiled program. The host hands over `LOG_EVERY` steps' batches at once and one compiled call runs them
+as a `lax.scan` (no host round trip, dispatch or loss transfer per step: the per-step overhead dominated at these
+model sizes).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from qwen35_jax.train.config import OptimConfig
 from qwen35_jax.train.optimizer import decay_mask, schedule
 
 TEST_SEED_OFFSET = 1_000_003  # test rows come from another stream than training rows
+LOG_EVERY = 10  # steps per compiled call, and per point of the loss curve
 
 
 def masked_cross_entropy(logits_BTV, targets_BT, mask_BT):
@@ -34,7 +37,8 @@ def masked_cross_entropy(logits_BTV, targets_BT, mask_BT):
 
 @functools.lru_cache(maxsize=8)
 def programs(cfg: ModelConfig, steps: int, warmup_steps: int, weight_decay: float, clip_norm: float):
-    """(init, step, logits) jitted functions; `step(state, batch, lr)` applies AdamW with the peak lr as an input.
+    """(init, steps, logits) jitted functions; `steps(state, batches, lr)` applies AdamW (the peak lr an input) once
+    per leading index of `batches` (each leaf [K, B, T]) and returns the K losses.
 
     AdamW is written out as clip -> Adam scaling -> decoupled weight decay -> schedule shape, then scaled by -lr:
     the same update as `optax.adamw(lr * shape)`.
@@ -62,7 +66,10 @@ def programs(cfg: ModelConfig, steps: int, warmup_steps: int, weight_decay: floa
         params = jax.tree.map(lambda p, u: p - lr * u.astype(p.dtype), state["params"], updates)
         return {"params": params, "opt_state": opt_state}, loss
 
-    return jax.jit(init), jax.jit(step, donate_argnums=0), jax.jit(lambda p, t: forward(cfg, p, t))
+    def steps(state, batches, lr):
+        return jax.lax.scan(lambda st, batch: step(st, batch, lr), state, batches)
+
+    return jax.jit(init), jax.jit(steps, donate_argnums=0), jax.jit(lambda p, t: forward(cfg, p, t))
 
 
 def evaluate(logits_fn, params, data: dict, batch_size: int) -> dict[str, float]:
@@ -95,38 +102,43 @@ def train_mqar(cfg: ModelConfig, *, seq_len: int, lr: float, settings: dict, see
     gen = functools.partial(mqar, vocab_size=s["vocab_size"], num_kv_pairs=s["num_kv_pairs"], power_a=s["power_a"])
     train = gen(s["train_examples"], seq_len, seed=seed)
     test = gen(s["test_examples"], seq_len, seed=seed + TEST_SEED_OFFSET)
-    init, step_fn, logits_fn = programs(cfg, s["steps"], s["warmup_steps"], s["weight_decay"], s["clip_norm"])
+    init, steps_fn, logits_fn = programs(cfg, s["steps"], s["warmup_steps"], s["weight_decay"], s["clip_norm"])
     state = init(jax.random.key(seed))  # the same initial weights for every learning rate
     rng = np.random.default_rng(seed)
     B, n = s["batch_size"], len(train["tokens"])
     order, pos = rng.permutation(n), 0
-    curve, losses = [], []
-    t0 = time.perf_counter()  # reset after the first step
-    bar = tqdm(range(1, s["steps"] + 1), desc=desc, leave=False, dynamic_ncols=True, unit="step")
-    lr_arr = jnp.asarray(lr, jnp.float32)
-    for i in bar:
+
+    def next_rows():
+        nonlocal order, pos
         if pos + B > n:  # a new epoch: reshuffle
             order, pos = rng.permutation(n), 0
-        idx = order[pos:pos + B]
         pos += B
-        state, loss = step_fn(state, {k: v[idx] for k, v in train.items()}, lr_arr)
-        losses.append(loss)
-        if i == 1:  # throughput counts steps after the compiling one
-            jax.block_until_ready(loss)
+        return order[pos - B:pos]
+
+    curve = []
+    t0, timed_steps = time.perf_counter(), 0  # the clock restarts after the first (compiling) call
+    bar = tqdm(total=s["steps"], desc=desc, leave=False, dynamic_ncols=True, unit="step")
+    lr_arr = jnp.asarray(lr, jnp.float32)
+    done = 0
+    while done < s["steps"]:
+        k = min(LOG_EVERY, s["steps"] - done)  # a shorter last call compiles once more
+        idx = np.stack([next_rows() for _ in range(k)])  # [k, B]
+        state, losses = steps_fn(state, {name: v[idx] for name, v in train.items()}, lr_arr)
+        recent = float(np.mean(jax.device_get(losses)))
+        if done == 0:  # throughput counts the calls after the compiling one
             t0 = time.perf_counter()
-        if i % 10 == 0 or i == s["steps"]:
-            recent = float(np.mean(jax.device_get(losses)))
-            curve.append((i, recent))
-            losses = []
-            bar.set_postfix(loss=f"{recent:.3f}", refresh=False)
-    bar.close()
+        else:
+            timed_steps += k
+        done += k
+        curve.append((done, recent))
+        bar.update(k)
+        bar.set_postfix(loss=f"{recent:.3f}", refresh=False)
     train_s = time.perf_counter() - t0
     scores = evaluate(logits_fn, state["params"], test, s["eval_batch_size"])
     final_loss = curve[-1][1] if curve else float("nan")
-    timed_steps = max(s["steps"] - 1, 1)
     metrics = {**scores, "train_loss": final_loss,
-               "tokens_per_s": timed_steps * B * seq_len / max(train_s, 1e-9)}
+               "tokens_per_s": timed_steps * B * seq_len / train_s if timed_steps else float("nan")}
     return {"metrics": metrics, "train_loss": curve}
 
 
-__all__ = ["train_mqar", "masked_cross_entropy", "programs", "evaluate"]
+__all__ = ["train_mqar", "masked_cross_entropy", "programs", "evaluate", "LOG_EVERY"]

@@ -1,6 +1,7 @@
 """Sweep outputs from the per-run result files: results.csv, results.md (best over learning rates) and plots.
 
-results.csv has one row per run and metric: `experiment, task, variant, params, state_size, lr, metric, value`.
+results.csv has one row per run and metric: `experiment, task, variant, params, state_size, lr, seed, metric, value`.
+Tables and plots follow zoology: per seed the best over learning rates, then the mean and range over seeds.
 MQAR metrics carry their sequence length (`accuracy@T=128`), so rows of one variant at different lengths stay apart;
 profile rows (`train_tokens_per_s@T=...`, `compiled_memory_bytes@T=...`) have an empty lr.
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from experiments.lm_run import read_curve
 
-CSV_COLUMNS = ("experiment", "task", "variant", "params", "state_size", "lr", "metric", "value")
+CSV_COLUMNS = ("experiment", "task", "variant", "params", "state_size", "lr", "seed", "metric", "value")
 MAIN_METRIC = {"mqar": ("accuracy", True), "lm": ("val_loss", False)}  # name, higher is better
 
 
@@ -40,73 +41,103 @@ def csv_rows(experiment: str, task: str, results: list[dict], profiles: list[dic
         for name, value in r["metrics"].items():
             metric = f"{name}@T={r['seq_len']}" if task == "mqar" else name
             rows.append({"experiment": experiment, "task": task, "variant": r["label"], "params": r["params"],
-                         "state_size": r["state_size"], "lr": r["lr"], "metric": metric, "value": value})
+                         "state_size": r["state_size"], "lr": r["lr"], "seed": r.get("seed", 0), "metric": metric,
+                         "value": value})
     for p in profiles:
         for name, key in (("train_tokens_per_s", "tokens_per_s"), ("compiled_memory_bytes", "memory_bytes")):
             if p[key] is not None:
                 rows.append({"experiment": experiment, "task": task, "variant": p["label"], "params": p["params"],
-                             "state_size": p["state_size"], "lr": "", "metric": f"{name}@T={p['seq_len']}",
+                             "state_size": p["state_size"], "lr": "", "seed": "", "metric": f"{name}@T={p['seq_len']}",
                              "value": p[key]})
     return rows
 
 
-def best_over_lrs(task: str, results: list[dict]) -> dict[tuple[str, int], dict]:
-    """(label, seq_len) -> the result with the best main metric over learning rates (NaN is worst), as zoology
-    reports."""
+def _score(task: str, r: dict) -> float:
     name, higher_is_better = MAIN_METRIC[task]
+    v = r["metrics"].get(name, float("nan"))
+    return -math.inf if math.isnan(v) else (v if higher_is_better else -v)
 
-    def score(r):
-        v = r["metrics"].get(name, float("nan"))
-        return -math.inf if math.isnan(v) else (v if higher_is_better else -v)
 
+def best_over_lrs(task: str, results: list[dict]) -> dict[tuple[str, int, int], dict]:
+    """(label, seq_len, seed) -> the result with the best main metric over learning rates (NaN is worst), as
+    zoology reports."""
     best = {}
     for r in results:
-        key = (r["label"], r["seq_len"])
-        if key not in best or score(r) > score(best[key]):
+        key = (r["label"], r["seq_len"], r.get("seed", 0))
+        if key not in best or _score(task, r) > _score(task, best[key]):
             best[key] = r
     return best
+
+
+def over_seeds(task: str, results: list[dict]) -> dict[tuple[str, int], dict]:
+    """(label, seq_len) -> mean, min, max of the per-seed best main metric, the seeds and their best runs."""
+    name, _ = MAIN_METRIC[task]
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for (label, t, _), r in best_over_lrs(task, results).items():
+        groups.setdefault((label, t), []).append(r)
+    out = {}
+    for key, runs in groups.items():
+        runs = sorted(runs, key=lambda r: r.get("seed", 0))
+        vals = [r["metrics"].get(name, float("nan")) for r in runs]
+        out[key] = {"mean": sum(vals) / len(vals), "min": min(vals), "max": max(vals), "values": vals,
+                    "seeds": [r.get("seed", 0) for r in runs], "runs": runs}
+    return out
+
+
+def _spread(agg: dict, digits: int = 4) -> str:
+    """"0.9120" for one seed, "0.9120 [0.8800, 0.9510] (3)" for several: mean [min, max] (seeds)."""
+    if len(agg["values"]) == 1:
+        return _fmt(agg["mean"], digits)
+    return f"{_fmt(agg['mean'], digits)} [{_fmt(agg['min'], digits)}, {_fmt(agg['max'], digits)}] ({len(agg['values'])})"
 
 
 def markdown(experiment: str, task: str, results: list[dict], profiles: list[dict], total: int,
              command: str) -> str:
     name, _ = MAIN_METRIC[task]
-    best = best_over_lrs(task, results)
+    agg = over_seeds(task, results)
     labels = list(dict.fromkeys(r["label"] for r in results))
     seq_lens = sorted({r["seq_len"] for r in results})
-    lines = [f"# {experiment} ({task})", "", f"Produced by `{command}`; {len(results)} of {total} runs finished.", ""]
+    seeds = sorted({r.get("seed", 0) for r in results})
+    lines = [f"# {experiment} ({task})", "", f"Produced by `{command}`; {len(results)} of {total} runs finished; "
+             f"seeds {', '.join(map(str, seeds))}. With several seeds a cell is the mean [min, max] (seeds) of each "
+             "seed's best over learning rates.", ""]
+    lrs_of = lambda a: ", ".join(sorted({_lr(r["lr"]) for r in a["runs"]}))  # noqa: E731
     if task == "mqar":
         lines += ["## Test accuracy, best over learning rates", "",
                   "| variant | params | " + " | ".join(f"T={t}" for t in seq_lens) + " |",
                   "|---|---:|" + "---:|" * len(seq_lens)]
         for label in labels:
             params = next(r["params"] for r in results if r["label"] == label)
-            cells = [_fmt(best[(label, t)]["metrics"].get(name)) if (label, t) in best else "" for t in seq_lens]
+            cells = [_spread(agg[(label, t)]) if (label, t) in agg else "" for t in seq_lens]
             lines.append(f"| {label} | {params:,} | " + " | ".join(cells) + " |")
         lines += ["", "## Per sequence length", "",
                   "value in context: the share of answers that are one of the row's values, right or wrong; near 1 "
                   "with accuracy near 1/pairs is the plateau before recall forms.", "",
                   "| variant | T | state size (floats) | accuracy | value in context | best lr |",
                   "|---|---:|---:|---:|---:|---:|"]
-        for (label, t), r in sorted(best.items(), key=lambda kv: (labels.index(kv[0][0]), kv[0][1])):
-            lines.append(f"| {label} | {t} | {r['state_size']:,} | {_fmt(r['metrics'].get(name))} "
-                         f"| {_fmt(r['metrics'].get('value_in_context'))} | {_lr(r['lr'])} |")
+        for (label, t), a in sorted(agg.items(), key=lambda kv: (labels.index(kv[0][0]), kv[0][1])):
+            vic = sum(r["metrics"].get("value_in_context", float("nan")) for r in a["runs"]) / len(a["runs"])
+            lines.append(f"| {label} | {t} | {a['runs'][0]['state_size']:,} | {_spread(a)} | {_fmt(vic)} "
+                         f"| {lrs_of(a)} |")
     else:
         lines += ["## Validation loss, best over learning rates", "",
                   "| variant | params | state size (floats) | val loss | best lr | attention-sink share | tokens/s |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for label in labels:
-            r = best[(label, seq_lens[0])]
-            m = r["metrics"]
-            lines.append(f"| {label} | {r['params']:,} | {r['state_size']:,} | {_fmt(m.get(name))} | {_lr(r['lr'])} "
-                         f"| {_fmt(m.get('attention_sink_share'), 3)} | {_fmt(m.get('tokens_per_s'), 0)} |")
+            a = agg[(label, seq_lens[0])]
+            mean = lambda k: sum(r["metrics"].get(k, float("nan")) for r in a["runs"]) / len(a["runs"])  # noqa
+            r = a["runs"][0]
+            lines.append(f"| {label} | {r['params']:,} | {r['state_size']:,} | {_spread(a)} | {lrs_of(a)} "
+                         f"| {_fmt(mean('attention_sink_share'), 3)} | {_fmt(mean('tokens_per_s'), 0)} |")
     lrs = sorted({r["lr"] for r in results})
-    lines += ["", f"## Every learning rate ({name})", "",
+    lines += ["", f"## Every learning rate ({name}{', mean over seeds' if len(seeds) > 1 else ''})", "",
               "| variant | T | " + " | ".join(_lr(lr) for lr in lrs) + " |", "|---|---:|" + "---:|" * len(lrs)]
-    by_key = {(r["label"], r["seq_len"], r["lr"]): r for r in results}
+    by_key: dict[tuple, list[float]] = {}
+    for r in results:
+        by_key.setdefault((r["label"], r["seq_len"], r["lr"]), []).append(r["metrics"].get(name, float("nan")))
     for label in labels:
         for t in seq_lens:
-            cells = [_fmt(by_key[(label, t, lr)]["metrics"].get(name)) if (label, t, lr) in by_key else ""
-                     for lr in lrs]
+            cells = [_fmt(sum(v) / len(v)) if (v := by_key.get((label, t, lr))) else "" for lr in lrs]
             if any(cells):
                 lines.append(f"| {label} | {t} | " + " | ".join(cells) + " |")
     if profiles:
@@ -147,24 +178,26 @@ def plots(out_dir: Path, task: str, results: list[dict], profiles: list[dict]) -
         written.append(path)
 
     labels = list(dict.fromkeys(r["label"] for r in results))
-    best = best_over_lrs(task, results)
+    agg = over_seeds(task, results)
+    first = {key: a["runs"][0] for key, a in agg.items()}  # curves: the first seed's best run
     if task == "mqar" and results:
-        seq_lens = sorted({t for _, t in best})
+        seq_lens = sorted({t for _, t in agg})
         fig, axes = plt.subplots(1, len(seq_lens), figsize=(4.2 * len(seq_lens), 3.6), squeeze=False, sharey=True)
         for ax, t in zip(axes[0], seq_lens):
             for variant in dict.fromkeys(r["variant"] for r in results):  # sizes of a variant form one line
-                pts = sorted((r["state_size"], r["metrics"].get("accuracy", float("nan")))
-                             for (_, tt), r in best.items() if tt == t and r["variant"] == variant)
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=variant)
+                pts = sorted((a["runs"][0]["state_size"], a["mean"], a["min"], a["max"])
+                             for (_, tt), a in agg.items() if tt == t and a["runs"][0]["variant"] == variant)
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], fmt="o-", label=variant, capsize=2,
+                            yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]])
             ax.set(xscale="log", title=f"MQAR, T={t}", xlabel="state size (floats per sequence)", ylim=(-0.02, 1.02))
             log_axis(ax.xaxis)
             ax.margins(x=0.1)
-        axes[0][0].set_ylabel("test accuracy (best lr)")
+        axes[0][0].set_ylabel("test accuracy (best lr; mean, range over seeds)")
         axes[0][-1].legend(fontsize=7, loc="best")
         save(fig, "mqar_accuracy_vs_state_size.png")
         fig, axes = plt.subplots(1, len(seq_lens), figsize=(4.2 * len(seq_lens), 3.6), squeeze=False, sharey=True)
         for ax, t in zip(axes[0], seq_lens):
-            runs = [r for (_, tt), r in best.items() if tt == t]
+            runs = [r for (_, tt), r in first.items() if tt == t]
             for r in runs:
                 ax.plot([s for s, _ in r["train_loss"]], [v for _, v in r["train_loss"]], label=r["label"], lw=1)
             settings = runs[0]["spec"].get("settings", {})
@@ -180,7 +213,7 @@ def plots(out_dir: Path, task: str, results: list[dict], profiles: list[dict]) -
     if task == "lm" and results:
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         for label in labels:
-            r = best[(label, results[0]["seq_len"])]
+            r = first[(label, results[0]["seq_len"])]
             run_dir = out_dir / "runs" / r["run_id"]
             train = read_curve(run_dir / "metrics.jsonl", "loss")
             val = read_curve(run_dir / "metrics.jsonl", "val_loss")
@@ -220,4 +253,4 @@ def write_report(out_dir: Path, experiment: str, task: str, results: list[dict],
     return [csv_path, md_path] + plots(out_dir, task, results, profiles)
 
 
-__all__ = ["write_report", "csv_rows", "markdown", "plots", "best_over_lrs", "CSV_COLUMNS"]
+__all__ = ["write_report", "csv_rows", "markdown", "plots", "best_over_lrs", "over_seeds", "CSV_COLUMNS"]

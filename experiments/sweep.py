@@ -1,6 +1,6 @@
 """Sweep definitions: a YAML mapping (`configs/ablate/*.yaml`) plus dotted `key=value` overrides -> a list of runs.
 
-The grid is variants x sizes x learning rates (x sequence lengths for MQAR). Every mistake is a one-line
+The grid is variants x sizes x learning rates x seeds (x sequence lengths for MQAR). Every mistake is a one-line
 `ConfigError` naming the key. A run's `spec` holds everything that determines its result, so a finished run is
 reused only when its spec is unchanged.
 """
@@ -57,7 +57,7 @@ class LMSettings:
 
 @dataclasses.dataclass(frozen=True)
 class SweepConfig:
-    """A sweep file (`configs/ablate/*.yaml`): variants x sizes x learning rates (x lengths for MQAR)."""
+    """A sweep file (`configs/ablate/*.yaml`): variants x sizes x learning rates x seeds (x lengths for MQAR)."""
 
     experiment: str = ""  # name of the sweep (results go to experiments/results/NAME); required
     task: str = ""  # mqar or lm; required
@@ -65,7 +65,7 @@ class SweepConfig:
     variants: dict[str, str | dict[str, Any]] = dataclasses.field(default_factory=dict)  # name -> pattern or keys
     sizes: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # name -> model keys; none: one size
     lrs: tuple[float, ...] = ()  # learning rates; required
-    seed: int = 0  # seed of every run
+    seeds: tuple[int, ...] = (0,)  # seeds (initial weights, data order, MQAR data): one run per seed
     out_dir: str | None = None  # results folder; null: experiments/results/EXPERIMENT
     match_params: str | dict[str, Any] | None = None  # VARIANT or {to: VARIANT, by: intermediate_size}
     profile_seq_lens: tuple[int, ...] = ()  # lengths of the memory/throughput profile
@@ -87,6 +87,7 @@ class Run:
     size: str
     lr: float
     seq_len: int
+    seed: int
     model: ModelConfig
     spec: dict
 
@@ -102,7 +103,7 @@ class Sweep:
     runs: tuple[Run, ...]
     settings: dict  # the task's section (mqar or lm) with defaults filled in
     out_dir: Path
-    seed: int
+    seeds: tuple[int, ...]
     profile_seq_lens: tuple[int, ...]
     profile_batch_size: int
     source: dict  # the resolved YAML mapping, recorded beside the results
@@ -214,7 +215,10 @@ def build_sweep(data: dict, where: str = "sweep") -> Sweep:
     lrs = list(sc.lrs)
     _need(lrs, where, "lrs", f"must be a non-empty list of learning rates, got {lrs!r}")
     _need(all(lr > 0 for lr in lrs), where, "lrs", f"must be positive, got {lrs}")
-    seed = sc.seed
+    seeds = list(sc.seeds) if isinstance(sc.seeds, (list, tuple)) else [sc.seeds]
+    _need(seeds and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds), where, "seeds",
+          f"must be a non-empty list of integers >= 0, got {sc.seeds!r}")
+    _need(len(set(seeds)) == len(seeds), where, "seeds", f"has a seed twice: {seeds}")
     profile = sc.profile_seq_lens
     for t in profile:
         _need(t > 0, where, "profile_seq_lens", f"must be positive integers, got {list(profile)}")
@@ -242,20 +246,24 @@ def build_sweep(data: dict, where: str = "sweep") -> Sweep:
         for name, cfg in cfgs.items():
             cfg = cfg.replace(name=f"{name}/{size}" if size else name)
             for seq_len in seq_lens:
+                task_spec = settings
+                if task == "mqar":  # this length's own settings: what train_mqar receives
+                    task_spec = {**settings, "seq_lens": None, "num_kv_pairs": settings["num_kv_pairs"][seq_len],
+                                 "batch_size": settings["batch_size"][seq_len]}
                 for lr in lrs:
-                    task_spec = settings
-                    if task == "mqar":  # this length's own settings: what train_mqar receives
-                        task_spec = {**settings, "seq_lens": None, "num_kv_pairs": settings["num_kv_pairs"][seq_len],
-                                     "batch_size": settings["batch_size"][seq_len]}
-                    spec = {"task": task, "lr": lr, "seed": seed, "settings": task_spec,
-                            "model": _jsonable(to_dict(cfg))}
-                    run_id = _run_id(name, size, f"T{seq_len}" if task == "mqar" else "", f"lr{_lr_text(lr)}")
-                    runs.append(Run(run_id, name, size, lr, seq_len, cfg, spec))
+                    for seed in seeds:
+                        spec = {"task": task, "lr": lr, "seed": seed, "settings": task_spec,
+                                "model": _jsonable(to_dict(cfg))}
+                        # seed 0 keeps the ids runs had before seeds were an axis (their results are reused)
+                        run_id = _run_id(name, size, f"T{seq_len}" if task == "mqar" else "", f"lr{_lr_text(lr)}",
+                                         f"s{seed}" if seed else "")
+                        runs.append(Run(run_id, name, size, lr, seq_len, seed, cfg, spec))
     ids = [r.run_id for r in runs]
     dup = next((i for i in ids if ids.count(i) > 1), None)
     _need(dup is None, where, "lrs", f"gives two runs the same id {dup!r} (learning rates equal to 1 digit)")
     out_dir = Path(sc.out_dir or f"experiments/results/{experiment}")
-    return Sweep(experiment, task, tuple(runs), settings, out_dir, seed, profile, profile_batch, _jsonable(data))
+    return Sweep(experiment, task, tuple(runs), settings, out_dir, tuple(seeds), profile, profile_batch,
+                 _jsonable(data))
 
 
 def _per_seq_len(s: dict, key: str, seq_lens: list[int], default, where: str) -> dict[int, int]:

@@ -13,15 +13,11 @@ from typing import Any, Literal
 from qwen35_jax.schema import (ConfigError, apply_overrides, build, field, nearest, parse_overrides, read_yaml_mapping,
                                resolve_file, to_dict)
 
+from qwen35_jax.layers.registry import letter_of, letters, mixer_class, mixer_names, name_of
 from qwen35_jax.vision_config import VisionConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
-# Token mixers by name; one letter each for compact patterns such as "GGGA".
-MIXER_LETTERS = {
-    "G": "gdn",  # Gated DeltaNet (Qwen3.5 linear attention)
-    "A": "attn",  # gated softmax attention (Qwen3.5 full attention, elementwise sigmoid gate)
-}
 HF_MIXER_NAMES = {"linear_attention": "gdn", "full_attention": "attn"}
 FFN_KINDS = ("mlp", "moe")
 FAMILIES = ("qwen3_5", "qwen3_5_moe", "qwen3_next")
@@ -29,9 +25,7 @@ DTYPE_NAMES = Literal["float32", "bfloat16", "float64", "float16"]
 
 
 def known_mixers() -> tuple[str, ...]:
-    from qwen35_jax.layers import MIXERS  # late import: layers import this module
-
-    return tuple(MIXERS)
+    return mixer_names()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,10 +176,10 @@ def expand_pattern(pattern, num_layers: int) -> tuple[str, ...]:
         else:
             names = []
             for ch in pattern:
-                if ch not in MIXER_LETTERS:
-                    letters = ", ".join(f"{k}={v}" for k, v in MIXER_LETTERS.items())
-                    raise ConfigError(f"layer_pattern {pattern!r}: unknown mixer letter {ch!r} (known: {letters})")
-                names.append(MIXER_LETTERS[ch])
+                if name_of(ch) is None:
+                    known = ", ".join(f"{k}={v}" for k, v in letters().items())
+                    raise ConfigError(f"layer_pattern {pattern!r}: unknown mixer letter {ch!r} (known: {known})")
+                names.append(name_of(ch))
     else:
         names = [str(p) for p in pattern]
     names = [HF_MIXER_NAMES.get(n, n) for n in names]
@@ -198,9 +192,9 @@ def expand_pattern(pattern, num_layers: int) -> tuple[str, ...]:
     return tuple(names * (num_layers // len(names)))
 
 
-def register_mixer_letter(letter: str, name: str) -> None:
-    """Lets an ablation variant be named by one letter in compact patterns."""
-    MIXER_LETTERS[letter] = name
+def pattern_letters(pattern) -> str:
+    """The compact form of a pattern of mixer names ("GGGA"): `expand_pattern` reads it back to the same names."""
+    return "".join(letter_of(m) for m in pattern)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -303,9 +297,7 @@ def load_config(name_or_path: str | dict | ModelConfig = "tiny", **overrides) ->
 
 
 def _mixer_params(cfg: ModelConfig, mixer: str) -> int:
-    from qwen35_jax.layers import MIXERS
-
-    return MIXERS[mixer].num_params(cfg)
+    return mixer_class(mixer).num_params(cfg)
 
 
 def _ffn_params(cfg: ModelConfig, kind: str) -> tuple[int, int]:
@@ -358,9 +350,7 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 
 def _mixer_sequence_flops(cfg: ModelConfig, mixer: str, seq_len: int) -> float:
-    from qwen35_jax.layers import MIXERS
-
-    return MIXERS[mixer].sequence_flops(cfg, seq_len)
+    return mixer_class(mixer).sequence_flops(cfg, seq_len)
 
 
 def human(n: float) -> str:
@@ -373,9 +363,9 @@ def human(n: float) -> str:
 def describe(cfg: ModelConfig, seq_len: int = 4096) -> str:
     c = cfg.param_counts()
     return (f"{cfg.name}: {human(c['total'])} params ({human(c['active'])} active), "
-            f"{cfg.num_layers} layers {''.join(k[0].upper() for k in cfg.layer_pattern)}, "
+            f"{cfg.num_layers} layers {pattern_letters(cfg.layer_pattern)}, "
             f"{human(cfg.flops_per_token(seq_len))} train FLOPs/token at T={seq_len}")
 
 
 __all__ = ["ModelConfig", "ConfigError", "load_config", "from_dict", "to_dict", "parse_overrides", "preset_mapping",
-           "preset_names", "expand_pattern", "describe"]
+           "preset_names", "expand_pattern", "pattern_letters", "describe"]

@@ -86,7 +86,7 @@ def test_no_gdn_layer_runs_a_token_twice_in_a_round(monkeypatch, k):
             return fn(q, *args, **kwargs)
         return wrapped
 
-    for name in ("chunk_gated_delta_rule", "recurrent_gated_delta_rule_states", "delta_rule_per_shard"):
+    for name in ("chunk_gated_delta_rule", "recurrent_gated_delta_rule_states", "rule_per_shard"):
         monkeypatch.setattr(gdn, name, counting(getattr(gdn, name)))
 
     def fresh_traces():  # forward_cached's compiled program keeps its trace: retrace so the counters see every call

@@ -16,7 +16,7 @@ from .reference import gated_delta_rule_step, recurrent_gated_delta_rule
 IMPLS = ("auto", "recurrent", "xla", "pallas")
 
 
-def _check(q, k, v, g, beta, initial_state, segment_ids):
+def check_shapes(q, k, v, g, beta, initial_state, segment_ids):
     if q.ndim != 4 or k.shape != q.shape:
         raise ValueError(f"q and k must both be [B, T, Hk, dk]; got q {tuple(q.shape)}, k {tuple(k.shape)}")
     B, T, Hk, dk = q.shape
@@ -48,7 +48,7 @@ def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, 
     beta [B, T, Hv]; initial/final state [B, Hv, dk, dv] fp32; `segment_ids [B, T]` restarts the state at each new
     id (packed documents); `scale` defaults to dk ** -0.5 and multiplies q after the optional l2norm.
     """
-    _check(q, k, v, g, beta, initial_state, segment_ids)
+    check_shapes(q, k, v, g, beta, initial_state, segment_ids)
     if impl not in IMPLS:
         raise ValueError(f"impl {impl!r} is not one of {IMPLS}")
     if chunk_size < 1 or chunk_size & (chunk_size - 1):

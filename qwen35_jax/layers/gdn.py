@@ -1,10 +1,22 @@
-"""Gated DeltaNet (Qwen3.5 `linear_attention`): projections, causal depthwise conv, gates, gated delta rule, gated norm.
+"""The linear-attention family: Gated DeltaNet (Qwen3.5 `linear_attention`) and its ablation siblings.
 
-The delta rule itself comes from `pallas_kernels.gated_delta_rule` (chunked XLA on CPU/GPU, Pallas on TPU); this
-module owns the projections and the per-document handling: padded positions (segment id 0) are zeroed at the input,
-and both the conv window and the recurrent state restart at every document start. Under context parallelism (the
-sequence split over devices) the conv takes its K-1 columns of history from the previous device and the delta rule
-carries its state across devices (`pallas_kernels.gated_delta_rule.context_parallel`). On a cache it decodes with
+One module: projections, causal depthwise conv + SiLU, L2-normalised q and k, the per-head output RMSNorm gated by
+`silu(z)`, `out_proj`; two switches pick the state update per value head (state S [dk, dv], o = S^T q):
+  decay + delta  S = exp(g) S, then S = S + k (beta (v - S^T k))^T   Gated DeltaNet ("gdn", the model's layer)
+  delta only     the delta rule with g = 0                         DeltaNet ("deltanet")
+  decay only     S = exp(g) S + k v^T                              scalar-decay gated linear attention ("gla")
+  neither        S = S + k v^T                                     plain linear attention ("linear")
+with g = -exp(A_log) softplus(a + dt_bias) and beta = sigmoid(b); a switch that is off drops its parameters
+(`in_proj_a`, `A_log`, `dt_bias` / `in_proj_b`). Plain linear attention has no `q . sum(k)` denominator (unstable,
+"The Devil in Linear Transformer"): the L2 norm and the output RMSNorm fix the scale, as flash-linear-attention's
+`LinearAttention` with an output norm.
+
+The state updates come from `pallas_kernels` (`gated_delta_rule`: chunked XLA on CPU/GPU, Pallas on TPU;
+`gated_linear_attention`: chunked XLA); this module owns the projections and the per-document handling: padded
+positions (segment id 0) are zeroed at the input, and both the conv window and the recurrent state restart at every
+document start. Under context parallelism (the sequence split over devices) the conv takes its K-1 columns of
+history from the previous device and the state is carried across devices
+(`pallas_kernels.gated_delta_rule.context_parallel`: any update affine in the state). On a cache it decodes with
 the per-token recurrence, and with a checkpointed cache (a position axis, see `init_cache`) keeps the state after
 every token (speculative verification).
 """
@@ -18,6 +30,8 @@ import jax.numpy as jnp
 from pallas_kernels.gated_delta_rule import chunk_gated_delta_rule, default_impl
 from pallas_kernels.gated_delta_rule.context_parallel import context_parallel_gated_delta_rule
 from pallas_kernels.gated_delta_rule.reference import recurrent_gated_delta_rule_states
+from pallas_kernels.gated_linear_attention import (chunk_gated_linear_attention,
+                                                   recurrent_gated_linear_attention_states)
 from qwen35_jax.layers.common import accum_dtype, dense, dtypes, param
 from qwen35_jax.layers.norms import GatedRMSNorm
 from qwen35_jax.sharding import sequence_shards, shard_sequence
@@ -27,12 +41,23 @@ DECODE_RECURRENT_MAX = 8  # up to this many new tokens, decoding steps through t
 _HEADS4, _HEADS3, _ROWS = ("batch", "seq", "heads", None), ("batch", "seq", "heads"), ("batch", "seq")
 
 
-def delta_rule_per_shard(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, segment_ids_BT, cfg):
-    """The training-time delta rule. The Pallas kernel is opaque to XLA's partitioner, so under a mesh it runs per
+def chunked_rule(delta: bool, impl: str, **options):
+    """The family's chunked state update `rule(q, k, v, g, beta, *, segment_ids, initial_state, ...)` -> (o, state):
+    the gated delta rule, or without `delta` the gated linear attention (beta unused)."""
+    if delta:
+        return functools.partial(chunk_gated_delta_rule, impl=impl, **options)
+    gla = functools.partial(chunk_gated_linear_attention, impl=impl, **options)
+    return lambda q, k, v, g, beta, **kw: gla(q, k, v, g, **kw)  # noqa: E731
+
+
+def rule_per_shard(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, segment_ids_BT, cfg, delta: bool = True):
+    """The training-time state update. The Pallas kernel is opaque to XLA's partitioner, so under a mesh it runs per
     shard (batch rows and heads split); with the sequence split too, every implementation runs per shard and carries
     the state across devices. Otherwise the XLA path is left to the partitioner."""
     impl = default_impl() if cfg.gdn_impl == "auto" else cfg.gdn_impl
-    rule = functools.partial(chunk_gated_delta_rule, use_qk_l2norm=True, chunk_size=cfg.gdn_chunk_size, impl=impl)
+    if not delta and cfg.gdn_impl == "auto":
+        impl = "xla"  # the decay-only and plain updates have only the chunked XLA form
+    rule = chunked_rule(delta, impl, use_qk_l2norm=True, chunk_size=cfg.gdn_chunk_size)
 
     def local(q, k, v, g, beta, seg, *, axis_name):
         if axis_name is None:
@@ -118,7 +143,11 @@ def last_valid_columns(window_BWC, segment_ids_BT, n: int):
 
 
 class GatedDeltaNet(nn.Module):
+    """The family's module; `decay` and `delta` switch the state update (both on: Qwen3.5's Gated DeltaNet)."""
+
     cfg: object
+    decay: bool = True
+    delta: bool = True
 
     @nn.compact
     def __call__(self, x_BTD, *, segment_ids_BT, positions_BT=None, cache=None, cache_index=None):
@@ -131,11 +160,13 @@ class GatedDeltaNet(nn.Module):
         x_BTD = jnp.where((segment_ids_BT != 0)[..., None], x_BTD, 0).astype(dtype)
         qkv_BTC = proj(cfg.gdn_conv_dim, ("embed", "heads"), "in_proj_qkv")(x_BTD)
         z_BTHV = proj(Hv * dv, ("embed", "heads"), "in_proj_z")(x_BTD).reshape(B, T, Hv, dv)
-        b_BTH = proj(Hv, ("embed", "heads"), "in_proj_b")(x_BTD)
-        a_BTH = proj(Hv, ("embed", "heads"), "in_proj_a")(x_BTD)
+        f32 = accum_dtype(dtype)  # the conv sums K taps: accumulate in fp32 and round once, as a fused conv does
+        beta_BTH = jax.nn.sigmoid(proj(Hv, ("embed", "heads"), "in_proj_b")(x_BTD)) if self.delta else None
+        g_BTH = jnp.zeros((B, T, Hv), f32)
+        if self.decay:
+            a_BTH = proj(Hv, ("embed", "heads"), "in_proj_a")(x_BTD)
         kernel_KC = param(self, "conv1d", conv_init, (cfg.gdn_conv_kernel, cfg.gdn_conv_dim), param_dtype,
                           ("conv", "heads"))
-        f32 = accum_dtype(dtype)  # the conv sums K taps: accumulate in fp32 and round once, as a fused conv does
         if cache is None:
             conv_BTC = conv_per_shard(qkv_BTC.astype(f32), kernel_KC.astype(f32), segment_ids_BT)
         else:  # continue from the last K-1 pre-conv columns of this sequence
@@ -154,23 +185,30 @@ class GatedDeltaNet(nn.Module):
         q_BTHK = qkv_BTC[..., : Hk * dk].reshape(B, T, Hk, dk)
         k_BTHK = qkv_BTC[..., Hk * dk: 2 * Hk * dk].reshape(B, T, Hk, dk)
         v_BTHV = qkv_BTC[..., 2 * Hk * dk:].reshape(B, T, Hv, dv)
-        dt_bias = param(self, "dt_bias", dt_bias_init, (Hv,), param_dtype, ("heads",))
-        A_log = param(self, "A_log", a_log_init, (Hv,), param_dtype, ("heads",))
-        beta_BTH = jax.nn.sigmoid(b_BTH)
-        g_BTH = -jnp.exp(A_log.astype(f32)) * jax.nn.softplus(a_BTH.astype(f32) + dt_bias.astype(f32))
+        if self.decay:
+            dt_bias = param(self, "dt_bias", dt_bias_init, (Hv,), param_dtype, ("heads",))
+            A_log = param(self, "A_log", a_log_init, (Hv,), param_dtype, ("heads",))
+            g_BTH = -jnp.exp(A_log.astype(f32)) * jax.nn.softplus(a_BTH.astype(f32) + dt_bias.astype(f32))
         if cache is None:
-            o_BTHV, _ = delta_rule_per_shard(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, segment_ids_BT, cfg)
+            o_BTHV, _ = rule_per_shard(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, segment_ids_BT, cfg, self.delta)
         else:  # a few tokens decode with the per-token recurrence; a prompt uses the chunked form
             valid_BTH = (segment_ids_BT != 0)[..., None]  # padding leaves the carried state untouched
-            g_BTH, beta_BTH = jnp.where(valid_BTH, g_BTH, 0.0), jnp.where(valid_BTH, beta_BTH, 0.0)
+            g_BTH = jnp.where(valid_BTH, g_BTH, 0.0)
+            if self.delta:
+                beta_BTH = jnp.where(valid_BTH, beta_BTH, 0.0)
+            else:  # no beta to zero: padding's k (its input was zeroed, so its conv output is the history's) goes
+                k_BTHK = jnp.where(valid_BTH[..., None], k_BTHK, 0.0)
             if checkpoints:  # speculative verify: the state after every token, steps unrolled in one program
-                o_BTHV, state = recurrent_gated_delta_rule_states(
-                    q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, initial_state=cache["state"][:, -1], use_qk_l2norm=True)
+                states = recurrent_gated_delta_rule_states if self.delta else (
+                    lambda q, k, v, g, beta, **kw: recurrent_gated_linear_attention_states(q, k, v, g, **kw))
+                o_BTHV, state = states(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, initial_state=cache["state"][:, -1],
+                                       use_qk_l2norm=True)
             else:
                 impl = "recurrent" if T <= DECODE_RECURRENT_MAX else cfg.gdn_impl
-                o_BTHV, state = chunk_gated_delta_rule(
-                    q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, initial_state=cache["state"], output_final_state=True,
-                    use_qk_l2norm=True, chunk_size=cfg.gdn_chunk_size, impl=impl)
+                impl = "xla" if impl == "auto" and not self.delta else impl
+                rule = chunked_rule(self.delta, impl, use_qk_l2norm=True, chunk_size=cfg.gdn_chunk_size)
+                o_BTHV, state = rule(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, initial_state=cache["state"],
+                                     output_final_state=True)
             cache = {"conv": new_conv, "state": state}
         y_BTHV = GatedRMSNorm(cfg.rms_norm_eps, param_dtype, name="norm")(o_BTHV.astype(dtype), z_BTHV)
         y = proj(cfg.hidden_size, ("heads", "embed"), "out_proj")(y_BTHV.reshape(B, T, Hv * dv))
@@ -187,21 +225,51 @@ class GatedDeltaNet(nn.Module):
                 "state": jnp.zeros((batch, cfg.gdn_num_value_heads, cfg.gdn_key_dim, cfg.gdn_value_dim),
                                    jnp.float32)}
 
-    @staticmethod
-    def num_params(cfg) -> int:
-        D, Hv, dv = cfg.hidden_size, cfg.gdn_num_value_heads, cfg.gdn_value_dim
-        C = cfg.gdn_conv_dim
-        return D * C + D * Hv * dv + 2 * D * Hv + cfg.gdn_conv_kernel * C + 2 * Hv + dv + Hv * dv * D
+    # num_params and sequence_flops read the switches from the class defaults (the registered siblings fix them).
+    @classmethod
+    def num_params(cls, cfg) -> int:
+        D, Hv, dv, C = cfg.hidden_size, cfg.gdn_num_value_heads, cfg.gdn_value_dim, cfg.gdn_conv_dim
+        decay, delta = cls._switch("decay"), cls._switch("delta")
+        gates = D * Hv * (delta + decay) + 2 * Hv * decay
+        return D * C + D * Hv * dv + gates + cfg.gdn_conv_kernel * C + dv + Hv * dv * D
 
-    @staticmethod
-    def sequence_flops(cfg, seq_len: int) -> float:
-        """Forward FLOPs per token of the chunked delta rule (see config.train_flops_per_token)."""
+    @classmethod
+    def sequence_flops(cls, cfg, seq_len: int) -> float:
+        """Forward FLOPs per token of the chunked update (see config.train_flops_per_token): the delta rule's, or
+        without it Q K^T and P V in the chunk plus the two state products (Q S, K^T V)."""
         C, dk, dv = min(cfg.gdn_chunk_size, seq_len), cfg.gdn_key_dim, cfg.gdn_value_dim
-        return cfg.gdn_num_value_heads * (2.0 * C * (3 * dk + 2 * dv) + 6.0 * dk * dv)
+        if cls._switch("delta"):
+            return cfg.gdn_num_value_heads * (2.0 * C * (3 * dk + 2 * dv) + 6.0 * dk * dv)
+        return cfg.gdn_num_value_heads * (2.0 * C * (dk + dv) + 4.0 * dk * dv)
 
     @staticmethod
     def state_size(cfg, seq_len: int) -> int:
-        """Floats of decode state per sequence, constant in seq_len: the delta-rule state plus the conv window."""
+        """Floats of decode state per sequence, constant in seq_len: the recurrent state plus the conv window."""
         del seq_len
         return (cfg.gdn_num_value_heads * cfg.gdn_key_dim * cfg.gdn_value_dim
                 + (cfg.gdn_conv_kernel - 1) * cfg.gdn_conv_dim)
+
+    @classmethod
+    def _switch(cls, name: str) -> int:
+        return int(cls.__dataclass_fields__[name].default)
+
+
+class LinearAttention(GatedDeltaNet):
+    """Plain linear attention: S = S + k v^T."""
+
+    decay: bool = False
+    delta: bool = False
+
+
+class GatedLinearAttention(GatedDeltaNet):
+    """Scalar-decay gated linear attention (Mamba2 / RetNet style): S = exp(g) S + k v^T."""
+
+    decay: bool = True
+    delta: bool = False
+
+
+class DeltaNet(GatedDeltaNet):
+    """DeltaNet: the delta rule without decay (g = 0)."""
+
+    decay: bool = False
+    delta: bool = True

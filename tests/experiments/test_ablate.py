@@ -60,6 +60,38 @@ def test_micro_mqar_sweep_writes_results_and_resumes(tmp_path, capsys, monkeypat
         ablate_main(argv + ["mqar.steps=7"])
 
 
+def test_seeds_are_a_sweep_axis(tmp_path, capsys):
+    """`seeds=[...]`: one run per seed (seed 0 keeps the id runs had before), the seed in the spec, the record and a
+    results.csv column; the tables give each seed's best over learning rates, then mean [min, max] over seeds."""
+    out = tmp_path / "seeds"
+    argv = ["micro", f"out_dir={out}", "seeds=[0, 1]", "profile_seq_lens=[]"]
+    sweep = load_sweep(argv[0], argv[1:])
+    assert [(r.run_id, r.seed, r.spec["seed"]) for r in sweep.runs if r.variant == "linear"] == [
+        ("linear.T32.lr3e-3", 0, 0), ("linear.T32.lr3e-3.s1", 1, 1),
+        ("linear.T32.lr1e-2", 0, 0), ("linear.T32.lr1e-2.s1", 1, 1)]
+    assert ablate_main(argv) == 0
+    capsys.readouterr()
+    columns, rows = read_csv(out / "results.csv")
+    assert columns == CSV_COLUMNS
+    acc = [r for r in rows if r["metric"] == "accuracy@T=32"]
+    assert sorted((r["variant"], r["lr"], r["seed"]) for r in acc) == sorted(
+        (v, lr, s) for v in ("attention", "linear") for lr in ("0.003", "0.01") for s in ("0", "1"))
+    loss = {r["seed"]: float(r["value"]) for r in rows if r["metric"] == "train_loss@T=32" and r["variant"] == "linear"
+            and r["lr"] == "0.01"}
+    assert loss["0"] != loss["1"]  # the seeds really differ (initial weights and data)
+    md = (out / "results.md").read_text()
+    assert "seeds 0, 1" in md
+    for variant in ("attention", "linear"):
+        best = [max(float(r["value"]) for r in acc if r["variant"] == variant and r["seed"] == s) for s in "01"]
+        want = f"{sum(best) / 2:,.4f} [{min(best):,.4f}, {max(best):,.4f}] (2)"
+        row = next(line for line in md.splitlines() if line.startswith(f"| {variant} | ") and "(2)" in line)
+        assert want in row, (row, want)
+    with pytest.raises(ConfigError, match="seeds"):
+        load_sweep("micro", ["seeds=[1, 1]"])
+    with pytest.raises(ConfigError, match="seeds"):
+        load_sweep("micro", ["seed=3"])  # the old key is an error naming the new one, not ignored
+
+
 def test_micro_lm_sweep_trains_and_measures_the_sink(tmp_path, capsys):
     from qwen35_jax.data import tokenizer as tk
 

@@ -1,5 +1,10 @@
-"""Token-mixer ablation variants: kernels against their recurrences, causality, packed documents, state sizes, and
-whole models built from compact patterns."""
+"""Token-mixer ablation variants: one linear-attention family (switches), the (name, class, letter) registry,
+causality, packed documents, state sizes, and whole models built from compact patterns."""
+
+import json
+import subprocess
+import sys
+import textwrap
 
 import flax.linen as nn
 import jax
@@ -8,10 +13,10 @@ import numpy as np
 import pytest
 
 from qwen35_jax import forward, init_params, load_config
-from qwen35_jax.config import MIXER_LETTERS
-from qwen35_jax.layers import MIXERS, GatedDeltaNet
-from qwen35_jax.layers.variants import (LinearAttentionBlock, chunk_gated_linear_attention,
-                                        recurrent_gated_linear_attention)
+from qwen35_jax.config import describe, expand_pattern, pattern_letters
+from qwen35_jax.layers import MIXERS, GatedDeltaNet, LinearAttention, register_mixer
+from qwen35_jax.layers.registry import letters, mixer_names
+from tests.cpu_env import cpu_env
 
 VARIANTS = ["softmax", "attn", "attn_headwise", "swa", "linear", "gla", "deltanet", "gdn"]
 LETTERS = {"F": "softmax", "A": "attn", "H": "attn_headwise", "S": "swa", "L": "linear", "M": "gla", "D": "deltanet",
@@ -45,45 +50,47 @@ def mixer_fn(name, cfg, T=8, seed=0):
     return run, params
 
 
-def test_registry_names_and_letters():
-    for letter, name in LETTERS.items():
-        assert MIXER_LETTERS[letter] == name and name in MIXERS
-    assert tiny(layer_pattern="FAHSLMDG", num_layers=8).layer_pattern == tuple(LETTERS[c] for c in "FAHSLMDG")
+def test_registry_names_and_letters_round_trip():
+    assert letters() == LETTERS and set(mixer_names()) == set(VARIANTS)
+    for name in mixer_names():  # every letter parses to the mixer it prints as
+        assert expand_pattern(pattern_letters((name,)), 1) == (name,) and name in MIXERS
+    cfg = tiny(layer_pattern="FAHSLMDG", num_layers=8)
+    assert cfg.layer_pattern == tuple(LETTERS[c] for c in "FAHSLMDG")
+    assert " 8 layers FAHSLMDG," in describe(cfg)  # `qwen35 info` prints the letters the parser reads
+    with pytest.raises(ValueError, match="'G' is taken by 'gdn'"):
+        register_mixer("other", GatedDeltaNet, "G")
 
 
-@pytest.mark.parametrize("decay", [False, True], ids=["linear", "gla"])
-def test_chunked_linear_attention_matches_recurrence(decay):
-    with jax.enable_x64(True):
-        rng = np.random.default_rng(0)
-        B, T, Hk, Hv, dk, dv = 2, 23, 1, 2, 4, 3
-        q, k = rng.normal(size=(2, B, T, Hk, dk))
-        v = rng.normal(size=(B, T, Hv, dv))
-        g = -rng.uniform(0.0, 1.5, size=(B, T, Hv)) if decay else np.zeros((B, T, Hv))
-        seg = np.array([[1] * 5 + [2] * 12 + [3] * 6, [1] * 23])
-        s0 = rng.normal(size=(B, Hv, dk, dv))
-        kw = dict(initial_state=s0, output_final_state=True, segment_ids=seg, use_qk_l2norm=True)
-        o_ref, s_ref = jax.jit(lambda *a: recurrent_gated_linear_attention(*a, **kw))(q, k, v, g)
-        for C in (5, 64):  # several chunks with a padded tail; one chunk
-            o, s = jax.jit(lambda *a: chunk_gated_linear_attention(*a, chunk_size=C, **kw))(q, k, v, g)
-            np.testing.assert_allclose(o, o_ref, rtol=1e-12, atol=1e-12)
-            np.testing.assert_allclose(s, s_ref, rtol=1e-12, atol=1e-12)
-        # and the reference is the textbook recurrence (row 1: one document, zero initial state)
-        o_row = recurrent_gated_linear_attention(q, k, v, g, use_qk_l2norm=True)[0][1]
-        qn, kn = (np.repeat(x / np.sqrt((x * x).sum(-1, keepdims=True) + 1e-6), Hv // Hk, 1) for x in (q[1], k[1]))
-        S = np.zeros((Hv, dk, dv))
-        for t in range(T):
-            S = np.exp(g[1, t])[:, None, None] * S + np.einsum("hk,hv->hkv", kn[t], v[1, t])
-            np.testing.assert_allclose(o_row[t], np.einsum("hkv,hk->hv", S, qn[t] * dk ** -0.5), rtol=1e-12)
+def _decode(module, params, x_BTD):
+    """A 12-token prompt (chunked), 3 single steps (recurrent), then a 4-token checkpointed verify pass."""
+    cfg, B = module.cfg, x_BTD.shape[0]
+    ones = jnp.ones(x_BTD.shape[:2], jnp.int32)
+    step = jax.jit(lambda c, x_t: module.apply(params, x_t, segment_ids_BT=ones[:, :x_t.shape[1]], cache=c,
+                                               cache_index=0))
+    cache, ys = module.init_cache(cfg, B, x_BTD.shape[1], jnp.float32), []
+    for lo, hi in ((0, 12), (12, 13), (13, 14), (14, 15)):
+        y, cache = step(cache, x_BTD[:, lo:hi])
+        ys.append(y)
+    y, checkpoints = step(jax.tree.map(lambda a: a[:, None], cache), x_BTD[:, 15:19])  # one checkpoint position
+    return jnp.concatenate(ys + [y], 1), checkpoints
 
 
-def test_block_with_decay_and_delta_is_gated_deltanet():
+def test_switches_on_reproduce_gated_deltanet_prefill_and_decode():
+    """Plain linear attention's module with the decay and delta switches turned on is Gated DeltaNet: the same
+    parameters and, bit for bit, the same outputs, prefill with packed documents and every decode path."""
     cfg = tiny()
     x = jax.random.normal(jax.random.key(1), (2, 19, cfg.hidden_size))
     seg = jnp.array([[1] * 7 + [2] * 12, [1] * 17 + [0] * 2])
+    switched = LinearAttention(cfg, decay=True, delta=True)
     params = random_params(GatedDeltaNet(cfg).init, x, segment_ids_BT=seg)
+    assert jax.tree.structure(params) == jax.tree.structure(random_params(switched.init, x, segment_ids_BT=seg))
     want = jax.jit(GatedDeltaNet(cfg).apply)(params, x, segment_ids_BT=seg)
-    got = jax.jit(LinearAttentionBlock(cfg, decay=True, delta=True).apply)(params, x, segment_ids_BT=seg)
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(jax.jit(switched.apply)(params, x, segment_ids_BT=seg), want)
+    want_dec = _decode(GatedDeltaNet(cfg), params, x)
+    jax.tree.map(np.testing.assert_array_equal, _decode(switched, params, x), want_dec)
+    # and the decode paths are right: they continue the full forward
+    full = jax.jit(GatedDeltaNet(cfg).apply)(params, x, segment_ids_BT=jnp.ones((2, 19), jnp.int32))
+    np.testing.assert_allclose(want_dec[0], full, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["linear", "gla", "deltanet"])
@@ -201,3 +208,43 @@ def test_tiny_models_from_compact_patterns(pattern):
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 24))
     logits = np.asarray(jax.jit(forward, static_argnums=0)(cfg, params, tokens))
     assert logits.shape == (2, 24, cfg.vocab_size) and np.isfinite(logits).all()
+
+
+CONTEXT_PARALLEL = textwrap.dedent('''
+    import json, jax, jax.numpy as jnp, numpy as np
+    from qwen35_jax import load_config
+    from qwen35_jax.layers import MIXERS
+    from qwen35_jax.sharding import make_mesh, use_mesh
+    cfg = load_config("tiny", hidden_size=16, gdn_num_key_heads=1, gdn_num_value_heads=2, gdn_key_dim=8,
+                      gdn_value_dim=8, gdn_chunk_size=4, dtype="float32")
+    B, T = 2, 32  # 8 tokens per device
+    x = jax.random.normal(jax.random.key(0), (B, T, 16))
+    seg = np.ones((B, T), np.int32)
+    seg[0, 5:] = 2; seg[0, 16:] = 3; seg[1, :3] = 0     # a document inside a slice, one on a slice boundary
+    res = {}
+    for name in ("linear", "gla", "deltanet", "gdn"):
+        mixer = MIXERS[name](cfg)
+        params = mixer.init(jax.random.key(1), x, segment_ids_BT=seg)
+        # a fresh function per context: jit's trace cache would otherwise reuse the one-device program
+        f = lambda: jax.value_and_grad(lambda p, x: jnp.sum(mixer.apply(p, x, segment_ids_BT=seg) ** 2), (0, 1))
+        want, want_g = jax.jit(f())(params, x)
+        with use_mesh(make_mesh({"sequence": 4})):
+            jaxpr = str(jax.make_jaxpr(f())(params, x))
+            got, got_g = jax.jit(f())(params, x)
+        err = max(float(jnp.max(jnp.abs(a - b)) / (float(jnp.max(jnp.abs(b))) + 1e-30))
+                  for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)))
+        res[name] = {"rel": abs(float(got) - float(want)) / abs(float(want)), "grad_err": err,
+                     "ppermute": jaxpr.count("ppermute")}
+    print(json.dumps(res))
+''')
+
+
+def test_family_under_context_parallelism_equals_one_device():
+    """Every member's state update carries across the devices of a `sequence` mesh (the affine-map scan works for
+    any update linear in the state): forward and gradients equal one device's with packed documents."""
+    out = subprocess.run([sys.executable, "-c", CONTEXT_PARALLEL], env=cpu_env(4), capture_output=True, text=True,
+                         timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    for name, r in res.items():
+        assert r["rel"] < 1e-5 and r["grad_err"] < 1e-4 and r["ppermute"] >= 4, (name, r)

@@ -1,0 +1,82 @@
+"""MQAR cell throughput: training tokens per second of the lab's MQAR loop, one compiled call per optimizer step
+(the loop of the recorded sweep) against `LOG_EVERY` steps per compiled call (`lax.scan`), at the recorded batch
+and at larger batches, alternating in one process. Pinned to one core (as one `--shard` job of a sweep runs).
+
+    JAX_PLATFORMS=cpu taskset -c 1 .venv/bin/python benchmarks/mqar_throughput.py \
+        --out benchmarks/results/mqar_throughput.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from benchmarks.common import environment, interleaved, markdown_table, paired_ratio, write_json  # noqa: E402
+from experiments.mqar import mqar  # noqa: E402
+from experiments.mqar_train import LOG_EVERY, programs  # noqa: E402
+from experiments.sweep import load_sweep  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", default="mqar", help="the sweep whose model and recorded batch are measured")
+    parser.add_argument("--variants", nargs="+", default=["softmax", "gdn", "hybrid"])
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--batches", type=int, nargs="+", default=[64, 256], help="larger batches to measure")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    load = os.getloadavg()[0]
+    sweep = load_sweep(args.sweep)
+    rows, results = [], {}
+    for variant in args.variants:
+        run = next(r for r in sweep.runs if r.variant == variant and r.seq_len == args.seq_len)
+        s = run.spec["settings"]
+        B0, K, T = s["batch_size"], LOG_EVERY, args.seq_len
+        data = mqar(max(args.batches + [B0]) * K, T, vocab_size=s["vocab_size"], num_kv_pairs=s["num_kv_pairs"])
+        init, steps_fn, _ = programs(run.model, s["steps"], s["warmup_steps"], s["weight_decay"], s["clip_norm"])
+        lr = jnp.asarray(run.lr, jnp.float32)
+        states = {}
+
+        def contender(name, B, k):
+            states[name] = init(jax.random.key(0))
+            chunks = [{n: jnp.asarray(v[i * k * B:(i + 1) * k * B].reshape(k, B, T)) for n, v in data.items()}
+                      for i in range(K // k)]
+
+            def call():  # K optimizer steps of batch B, in K / k compiled calls
+                for chunk in chunks:
+                    states[name], losses = steps_fn(states[name], chunk, lr)
+                return losses
+            return call, K * B * T
+
+        fns, tokens = {}, {}
+        for name, B, k in [(f"per-step B={B0}", B0, 1), (f"scan{K} B={B0}", B0, K)] + [
+                (f"scan{K} B={B}", B, K) for B in args.batches]:
+            fns[name], tokens[name] = contender(name, B, k)
+        timed = interleaved(fns, warmup=1, steps=args.rounds)
+        base = f"per-step B={B0}"
+        for name, r in timed.items():
+            per_token = {n: [t / tokens[n] for t in timed[n]["times_s"]] for n in (name, base)}
+            ratio = paired_ratio({"times_s": per_token[name]}, {"times_s": per_token[base]})
+            tps = tokens[name] / r["median_s"]
+            rows.append([variant, T, name, round(tps), round(tokens[name] / r["median_cpu_s"]), round(ratio, 2)])
+            results[f"{variant}/{name}"] = {**r, "tokens": tokens[name], "tokens_per_s": tps, "speedup": ratio}
+        print(markdown_table(["variant", "T", "loop", "tokens/s", "tokens per CPU s", "x per-step"], rows[-len(fns):]),
+              flush=True)
+    table = markdown_table(["variant", "T", "loop", "tokens/s", "tokens per CPU s", "x per-step"], rows)
+    print(f"\nload average before {load:.2f}, after {os.getloadavg()[0]:.2f}\n\n{table}")
+    if args.out:
+        write_json(args.out, {"environment": environment(), "load_before": load, "load_after": os.getloadavg()[0],
+                              "results": results, "table": table})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
