@@ -21,6 +21,7 @@ attention, MoE and its parts, LM head + loss), each component timed alone on bot
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -33,8 +34,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from benchmarks.common import (environment, interleaved, markdown_table, matmul_peak_gflops,  # noqa: E402
-                               paired_ratio, write_json)
+from benchmarks.common import (add_load_arguments, environment, interleaved, load_guard, load_line,  # noqa: E402
+                               markdown_table, matmul_peak_gflops, paired_ratio, write_json)
 from qwen35_jax import forward, hf, init_params, load_config  # noqa: E402
 
 ISSUE5_GOAL = 2.5  # training tokens/s, ours over transformers
@@ -320,7 +321,9 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true", help="also time each component alone on both sides")
     ap.add_argument("--matmul-n", type=int, default=2048, help="size of the fp32 matmul that measures the peak")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    add_load_arguments(ap)
     args = ap.parse_args(argv)
+    guard = load_guard(args)
 
     cfg = load_config(args.model)
     if cfg.dtype != "float32" or cfg.param_dtype != "float32":
@@ -380,6 +383,7 @@ def main(argv=None) -> int:
                      f"{100 * e['ours']['mfu']:.1f}%", f"{100 * e['peer']['mfu']:.1f}%"])
     print(markdown_table(["measure", "ours ms", "peer ms", "ours tok/s", "peer tok/s", "ours/peer (wall)",
                           "ours/peer (CPU s)", "ours model GFLOP/s", "ours MFU", "peer MFU"], rows))
+    print(load_line(guard))
     print(f"\nMFU = flops_per_token({T}) = {flops_per_token / 1e6:.2f} MFLOP x tokens/s over the measured fp32 "
           f"matmul peak, {peak_gflops:.1f} GFLOP/s ({args.matmul_n}^3 jnp.dot, best of 7; median "
           f"{peak['gflops']:.1f}). 'CPU s' ratios use process CPU time per step, steadier on a shared machine.")
@@ -408,7 +412,8 @@ def main(argv=None) -> int:
                               "steps": args.steps, "warmup": args.warmup, "aux_loss": args.aux_loss,
                               "optimizer": hp, "loss_ours": ours_loss, "loss_peer": peer_loss,
                               "flops_per_token": flops_per_token, "matmul_peak": peak, "results": results,
-                              "profile": profile, "goal_train_ratio": ISSUE5_GOAL, "environment": environment()})
+                              "profile": profile, "goal_train_ratio": ISSUE5_GOAL, "environment": environment(),
+                              "machine": {**guard, "load_after": os.getloadavg()[0]}})
     return 0
 
 

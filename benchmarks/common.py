@@ -22,6 +22,52 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+def add_load_arguments(parser) -> None:
+    """`--cores` (pin this process, both contenders, to these cores), `--max-load` and `--allow-load`."""
+    parser.add_argument("--cores", default=None, help="comma-separated CPU ids to pin to (default: all)")
+    parser.add_argument("--max-load", type=float, default=0.5,
+                        help="refuse to run when the 1-minute load average exceeds this x the cores in use")
+    parser.add_argument("--allow-load", action="store_true",
+                        help="run anyway on a loaded machine; the results are then marked loaded")
+
+
+def load_guard(args) -> dict:
+    """Pins the process to `args.cores` and checks the machine is idle enough to time on.
+
+    Both contenders run in this process, so pinning gives them the same cores. A load average above
+    `max_load` x cores means other processes hold the cores: XLA's one computation and torch's threads then lose
+    very different shares, and alternating the contenders does not cancel that (issue 14: a 2.5x "win" measured under
+    load was a 0.7x loss idle). Without `--allow-load` that is a one-line error; with it the returned record says
+    `loaded: true`, which the tables print. Returns {"cores", "threads", "load_before", "limit", "loaded"}."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count()))
+    if args.cores:
+        cores = [int(c) for c in args.cores.split(",")]
+        os.sched_setaffinity(0, cores)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    limit = args.max_load * len(cores)
+    loaded = load > limit
+    if loaded and not args.allow_load:
+        raise SystemExit(f"load average {load:.2f} is above {limit:.2f} ({args.max_load} x {len(cores)} cores): "
+                         f"other processes share the cores and would skew the comparison; wait, or pass "
+                         f"--allow-load to record results marked loaded")
+    threads = {"cores": len(cores)}
+    try:
+        import torch
+
+        threads["torch"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    return {"cores": cores, "threads": threads, "load_before": load, "limit": limit, "loaded": loaded}
+
+
+def load_line(guard: dict) -> str:
+    """The machine-state line every table carries: load before and now, cores, threads, loaded or idle."""
+    now = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    state = "LOADED (not a comparison to record)" if guard["loaded"] else "idle"
+    return (f"machine: {state}; load average {guard['load_before']:.2f} before, {now:.2f} now (limit "
+            f"{guard['limit']:.2f}); cores {','.join(map(str, guard['cores']))}; threads {guard['threads']}")
+
+
 def block(x):
     """Waits for every jax array in `x` (a pytree); other leaves pass through. Returns x."""
     import jax

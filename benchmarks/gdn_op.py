@@ -16,7 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import environment, interleaved, markdown_table, paired_ratio, write_json  # noqa: E402
+from benchmarks.common import (add_load_arguments, environment, interleaved, load_guard, load_line,  # noqa: E402
+                               markdown_table, paired_ratio, write_json)
 
 
 def jax_fns(arrays, impl, chunk_size):
@@ -70,7 +71,9 @@ def main():
     ap.add_argument("--torch-threads", type=int, default=2)
     ap.add_argument("--skip-recurrent", action="store_true", help="the per-token scan is slow to compile and run")
     ap.add_argument("--out", default="gdn_op.json")
+    add_load_arguments(ap)
     args = ap.parse_args()
+    guard = load_guard(args)
 
     import numpy as np
 
@@ -99,11 +102,12 @@ def main():
     print(f"\nGDN_OP: B={B} T={T} H={H} dk=dv={d} fp32 l2norm, chunk {args.chunk_size}; "
           f"torch threads {args.torch_threads}, cpu_count {os.cpu_count()}")
     print(markdown_table(["mode", "impl", "median ms", "x faster than transformers"], rows))
+    print(load_line(guard))
     write_json(args.out, {"benchmark": "GDN_OP", "shape": {"B": B, "T": T, "H": H, "dk": d, "dv": d},
                           "chunk_size": args.chunk_size, "results": results,
                           "speedup_vs_transformers": {mode: {n: paired_ratio(t, r["transformers"]) for n, t in r.items()}
                                                       for mode, r in results.items()},
-                          "env": environment()})
+                          "env": environment(), "machine": {**guard, "load_after": os.getloadavg()[0]}})
 
 
 if __name__ == "__main__":
