@@ -2,7 +2,7 @@
 (the loop of the recorded sweep) against `LOG_EVERY` steps per compiled call (`lax.scan`), at the recorded batch
 and at larger batches, alternating in one process. Pinned to one core (as one `--shard` job of a sweep runs).
 
-    JAX_PLATFORMS=cpu taskset -c 1 .venv/bin/python benchmarks/mqar_throughput.py \
+    JAX_PLATFORMS=cpu .venv/bin/python benchmarks/mqar_throughput.py --cores 1 \
         --out benchmarks/results/mqar_throughput.json
 """
 
@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks.common import environment, interleaved, markdown_table, paired_ratio, write_json  # noqa: E402
+from benchmarks.common import (add_load_arguments, environment, interleaved, load_guard, load_line,  # noqa: E402
+                               markdown_table, paired_ratio, write_json)
 from experiments.mqar import mqar  # noqa: E402
 from experiments.mqar_train import LOG_EVERY, programs  # noqa: E402
 from experiments.sweep import load_sweep  # noqa: E402
@@ -32,8 +33,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 256], help="larger batches to measure")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", default=None)
+    add_load_arguments(parser)
     args = parser.parse_args(argv)
-    load = os.getloadavg()[0]
+    guard = load_guard(args)
     sweep = load_sweep(args.sweep)
     rows, results = [], {}
     for variant in args.variants:
@@ -71,9 +73,9 @@ def main(argv=None) -> int:
         print(markdown_table(["variant", "T", "loop", "tokens/s", "tokens per CPU s", "x per-step"], rows[-len(fns):]),
               flush=True)
     table = markdown_table(["variant", "T", "loop", "tokens/s", "tokens per CPU s", "x per-step"], rows)
-    print(f"\nload average before {load:.2f}, after {os.getloadavg()[0]:.2f}\n\n{table}")
+    print(f"\n{table}\n{load_line(guard)}")
     if args.out:
-        write_json(args.out, {"environment": environment(), "load_before": load, "load_after": os.getloadavg()[0],
+        write_json(args.out, {"environment": environment(), "machine": {**guard, "load_after": os.getloadavg()[0]},
                               "results": results, "table": table})
     return 0
 
