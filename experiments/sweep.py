@@ -345,15 +345,22 @@ def shard(runs, spec: str | None):
     return list(runs)[i::n]
 
 
-def spec_difference(old: dict, new: dict, defaults: dict | None = None) -> str | None:
+# Model fields that change how the step is compiled, not what it computes: a run recorded with either value stands.
+COMPILE_ONLY = ("scan_layers", "remat")
+
+
+def spec_difference(old: dict, new: dict, defaults: dict | None = None, _path: str = "") -> str | None:
     """None when equal, else the first differing key (dotted). A key missing from `old` (a field added after the run
-    was recorded) is equal when `new` holds that field's default (`defaults`, the same nesting)."""
+    was recorded) is equal when `new` holds that field's default (`defaults`, the same nesting); the model's
+    `COMPILE_ONLY` fields are not compared."""
     if isinstance(old, dict) and isinstance(new, dict):
         defaults = defaults if isinstance(defaults, dict) else {}
         for k in sorted(set(old) | set(new)):
             if k not in old and k in defaults and new.get(k) == defaults[k]:
                 continue
-            diff = spec_difference(old.get(k), new.get(k), defaults.get(k))
+            if _path == "model" and k in COMPILE_ONLY:
+                continue
+            diff = spec_difference(old.get(k), new.get(k), defaults.get(k), f"{_path}.{k}" if _path else k)
             if diff is not None:
                 return f"{k}.{diff}" if diff else k
         return None

@@ -131,6 +131,9 @@ def test_a_field_added_after_a_run_was_recorded_matches_only_at_its_default():
     changed = {**run.spec, "model": {**run.spec["model"], "attention_impl": "xla_dense"}}
     assert spec_difference(old, changed, spec_defaults()) == "model.attention_impl"
     assert spec_difference(run.spec, {**run.spec, "lr": 1.0}, spec_defaults()) == "lr"
+    # how the step compiles (layers scanned or unrolled, remat) does not make a recorded run stale
+    unrolled = {**run.spec, "model": {**run.spec["model"], "scan_layers": False, "remat": "full"}}
+    assert spec_difference(run.spec, unrolled, spec_defaults()) is None
 
 
 @pytest.mark.parametrize("change, key", [
