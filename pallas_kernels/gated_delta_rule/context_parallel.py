@@ -48,8 +48,9 @@ def context_parallel_gated_delta_rule(rule, q, k, v, g, beta, *, segment_ids, ax
     """The delta rule on this device's slice of the sequence, with the state carried in from the slices before.
 
     `rule(q, k, v, g, beta, segment_ids=, initial_state=)` is a chunked implementation returning (o, final state)
-    (e.g. `chunk_gated_delta_rule` with its options bound); shapes as in `chunk_gated_delta_rule`, T the local
-    length. Returns o [B, T, Hv, dv] in v's dtype.
+    (e.g. `chunk_gated_delta_rule` with its options bound, or the gated linear attention ignoring beta: any update
+    affine in the state works); shapes as in `chunk_gated_delta_rule`, T the local length. Returns o [B, T, Hv, dv]
+    in v's dtype.
     """
     B, T, Hv, dv = v.shape
     dk = q.shape[-1]
