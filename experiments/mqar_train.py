@@ -133,6 +133,7 @@ def train_mqar(cfg: ModelConfig, *, seq_len: int, lr: float, settings: dict, see
         curve.append((done, recent))
         bar.update(k)
         bar.set_postfix(loss=f"{recent:.3f}", refresh=False)
+    bar.close()
     train_s = time.perf_counter() - t0
     scores = evaluate(logits_fn, state["params"], test, s["eval_batch_size"])
     final_loss = curve[-1][1] if curve else float("nan")

@@ -84,11 +84,16 @@ def over_seeds(task: str, results: list[dict]) -> dict[tuple[str, int], dict]:
     return out
 
 
+def _mean_metric(runs: list[dict], key: str) -> float:
+    return sum(r["metrics"].get(key, float("nan")) for r in runs) / len(runs)
+
+
 def _spread(agg: dict, digits: int = 4) -> str:
     """"0.9120" for one seed, "0.9120 [0.8800, 0.9510] (3)" for several: mean [min, max] (seeds)."""
     if len(agg["values"]) == 1:
         return _fmt(agg["mean"], digits)
-    return f"{_fmt(agg['mean'], digits)} [{_fmt(agg['min'], digits)}, {_fmt(agg['max'], digits)}] ({len(agg['values'])})"
+    low, high = _fmt(agg["min"], digits), _fmt(agg["max"], digits)
+    return f"{_fmt(agg['mean'], digits)} [{low}, {high}] ({len(agg['values'])})"
 
 
 def markdown(experiment: str, task: str, results: list[dict], profiles: list[dict], total: int,
@@ -116,7 +121,7 @@ def markdown(experiment: str, task: str, results: list[dict], profiles: list[dic
                   "| variant | T | state size (floats) | accuracy | value in context | best lr |",
                   "|---|---:|---:|---:|---:|---:|"]
         for (label, t), a in sorted(agg.items(), key=lambda kv: (labels.index(kv[0][0]), kv[0][1])):
-            vic = sum(r["metrics"].get("value_in_context", float("nan")) for r in a["runs"]) / len(a["runs"])
+            vic = _mean_metric(a["runs"], "value_in_context")
             lines.append(f"| {label} | {t} | {a['runs'][0]['state_size']:,} | {_spread(a)} | {_fmt(vic)} "
                          f"| {lrs_of(a)} |")
     else:
@@ -125,10 +130,10 @@ def markdown(experiment: str, task: str, results: list[dict], profiles: list[dic
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for label in labels:
             a = agg[(label, seq_lens[0])]
-            mean = lambda k: sum(r["metrics"].get(k, float("nan")) for r in a["runs"]) / len(a["runs"])  # noqa
             r = a["runs"][0]
+            sink, tps = _mean_metric(a["runs"], "attention_sink_share"), _mean_metric(a["runs"], "tokens_per_s")
             lines.append(f"| {label} | {r['params']:,} | {r['state_size']:,} | {_spread(a)} | {lrs_of(a)} "
-                         f"| {_fmt(mean('attention_sink_share'), 3)} | {_fmt(mean('tokens_per_s'), 0)} |")
+                         f"| {_fmt(sink, 3)} | {_fmt(tps, 0)} |")
     lrs = sorted({r["lr"] for r in results})
     lines += ["", f"## Every learning rate ({name}{', mean over seeds' if len(seeds) > 1 else ''})", "",
               "| variant | T | " + " | ".join(_lr(lr) for lr in lrs) + " |", "|---|---:|" + "---:|" * len(lrs)]

@@ -41,22 +41,26 @@ DECODE_RECURRENT_MAX = 8  # up to this many new tokens, decoding steps through t
 _HEADS4, _HEADS3, _ROWS = ("batch", "seq", "heads", None), ("batch", "seq", "heads"), ("batch", "seq")
 
 
+def _without_beta(fn):
+    """A gated-linear-attention function called with the delta rule's arguments (q, k, v, g, beta, ...)."""
+    return lambda q, k, v, g, beta, **kw: fn(q, k, v, g, **kw)
+
+
 def chunked_rule(delta: bool, impl: str, **options):
     """The family's chunked state update `rule(q, k, v, g, beta, *, segment_ids, initial_state, ...)` -> (o, state):
-    the gated delta rule, or without `delta` the gated linear attention (beta unused)."""
+    the gated delta rule, or without `delta` the gated linear attention (beta unused; its "auto" is XLA)."""
     if delta:
         return functools.partial(chunk_gated_delta_rule, impl=impl, **options)
-    gla = functools.partial(chunk_gated_linear_attention, impl=impl, **options)
-    return lambda q, k, v, g, beta, **kw: gla(q, k, v, g, **kw)  # noqa: E731
+    return _without_beta(functools.partial(chunk_gated_linear_attention, impl=impl, **options))
 
 
 def rule_per_shard(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, segment_ids_BT, cfg, delta: bool = True):
     """The training-time state update. The Pallas kernel is opaque to XLA's partitioner, so under a mesh it runs per
     shard (batch rows and heads split); with the sequence split too, every implementation runs per shard and carries
     the state across devices. Otherwise the XLA path is left to the partitioner."""
-    impl = default_impl() if cfg.gdn_impl == "auto" else cfg.gdn_impl
-    if not delta and cfg.gdn_impl == "auto":
-        impl = "xla"  # the decay-only and plain updates have only the chunked XLA form
+    impl = cfg.gdn_impl
+    if impl == "auto":  # the decay-only and plain updates have only the chunked XLA form
+        impl = default_impl() if delta else "xla"
     rule = chunked_rule(delta, impl, use_qk_l2norm=True, chunk_size=cfg.gdn_chunk_size)
 
     def local(q, k, v, g, beta, seg, *, axis_name):
@@ -199,13 +203,12 @@ class GatedDeltaNet(nn.Module):
             else:  # no beta to zero: padding's k (its input was zeroed, so its conv output is the history's) goes
                 k_BTHK = jnp.where(valid_BTH[..., None], k_BTHK, 0.0)
             if checkpoints:  # speculative verify: the state after every token, steps unrolled in one program
-                states = recurrent_gated_delta_rule_states if self.delta else (
-                    lambda q, k, v, g, beta, **kw: recurrent_gated_linear_attention_states(q, k, v, g, **kw))
+                states = (recurrent_gated_delta_rule_states if self.delta
+                          else _without_beta(recurrent_gated_linear_attention_states))
                 o_BTHV, state = states(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, initial_state=cache["state"][:, -1],
                                        use_qk_l2norm=True)
             else:
                 impl = "recurrent" if T <= DECODE_RECURRENT_MAX else cfg.gdn_impl
-                impl = "xla" if impl == "auto" and not self.delta else impl
                 rule = chunked_rule(self.delta, impl, use_qk_l2norm=True, chunk_size=cfg.gdn_chunk_size)
                 o_BTHV, state = rule(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, initial_state=cache["state"],
                                      output_final_state=True)
