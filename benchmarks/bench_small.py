@@ -21,7 +21,6 @@ attention, MoE and its parts, LM head + loss), each component timed alone on bot
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from benchmarks.common import (add_load_arguments, environment, interleaved, load_guard, load_line,  # noqa: E402
-                               markdown_table, matmul_peak_gflops, paired_ratio, write_json)
+                               machine_record, markdown_table, matmul_peak_gflops, paired_ratio, write_json)
 from qwen35_jax import forward, hf, init_params, load_config  # noqa: E402
 
 ISSUE5_GOAL = 2.5  # training tokens/s, ours over transformers
@@ -413,7 +412,7 @@ def main(argv=None) -> int:
                               "optimizer": hp, "loss_ours": ours_loss, "loss_peer": peer_loss,
                               "flops_per_token": flops_per_token, "matmul_peak": peak, "results": results,
                               "profile": profile, "goal_train_ratio": ISSUE5_GOAL, "environment": environment(),
-                              "machine": {**guard, "load_after": os.getloadavg()[0]}})
+                              "machine": machine_record(guard)})
     return 0
 
 

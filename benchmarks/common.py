@@ -68,6 +68,11 @@ def load_line(guard: dict) -> str:
             f"{guard['limit']:.2f}); cores {','.join(map(str, guard['cores']))}; threads {guard['threads']}")
 
 
+def machine_record(guard: dict) -> dict:
+    """`load_guard`'s record with the load average now, for the results JSON."""
+    return {**guard, "load_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0}
+
+
 def block(x):
     """Waits for every jax array in `x` (a pytree); other leaves pass through. Returns x."""
     import jax

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (add_load_arguments, environment, interleaved, load_guard, load_line,  # noqa: E402
-                               markdown_table, paired_ratio, write_json)
+                               machine_record, markdown_table, paired_ratio, write_json)
 
 
 def jax_fns(arrays, impl, chunk_size):
@@ -107,7 +107,7 @@ def main():
                           "chunk_size": args.chunk_size, "results": results,
                           "speedup_vs_transformers": {mode: {n: paired_ratio(t, r["transformers"]) for n, t in r.items()}
                                                       for mode, r in results.items()},
-                          "env": environment(), "machine": {**guard, "load_after": os.getloadavg()[0]}})
+                          "env": environment(), "machine": machine_record(guard)})
 
 
 if __name__ == "__main__":

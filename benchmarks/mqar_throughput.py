@@ -10,7 +10,6 @@ larger batches, alternating in one process. Pinned to one core (as one `--shard`
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks.common import (add_load_arguments, environment, interleaved, load_guard, load_line,  # noqa: E402
-                               markdown_table, paired_ratio, write_json)
+                               machine_record, markdown_table, paired_ratio, write_json)
 from experiments.mqar import mqar  # noqa: E402
 from experiments.mqar_train import LOG_EVERY, programs  # noqa: E402
 from experiments.sweep import load_sweep  # noqa: E402
@@ -78,7 +77,7 @@ def main(argv=None) -> int:
     table = markdown_table(["variant", "T", "loop", "tokens/s", "tokens per CPU s", "x recorded"], rows)
     print(f"\n{table}\n{load_line(guard)}")
     if args.out:
-        write_json(args.out, {"environment": environment(), "machine": {**guard, "load_after": os.getloadavg()[0]},
+        write_json(args.out, {"environment": environment(), "machine": machine_record(guard),
                               "results": results, "table": table})
     return 0
 
