@@ -152,3 +152,19 @@ def test_bad_sweep_configs_name_the_key(change, key):
     with pytest.raises(ConfigError, match=key) as e:
         build_sweep({**base, **change})
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("config", sorted(p.stem for p in (REPO / "configs" / "ablate").glob("*.yaml")))
+def test_every_sweep_config_builds_and_still_owns_its_recorded_runs(config):
+    """A committed sweep config builds, and every recorded result in its out_dir is a run of its grid with the same
+    spec: `qwen35 ablate CONFIG` reuses them instead of training again (or refusing a stale result)."""
+    from experiments.ablate import finished
+
+    sweep = load_sweep(config)
+    assert len({r.run_id for r in sweep.runs}) == len(sweep.runs)
+    runs = {r.run_id: r for r in sweep.runs}
+    recorded = sorted((REPO / sweep.out_dir / "runs").glob("*/result.json"))
+    for path in recorded:
+        run_id = path.parent.name
+        assert run_id in runs, f"{path}: not a run of configs/ablate/{config}.yaml"
+        assert finished(sweep, runs[run_id]) is not None  # raises, naming the key, on a spec that differs
