@@ -2,8 +2,8 @@
 
 results.csv has one row per run and metric: `experiment, task, variant, params, state_size, lr, seed, metric, value`.
 Tables and plots follow zoology: per seed the best over learning rates, then the mean and range over seeds.
-MQAR metrics carry their sequence length (`accuracy@T=128`), so rows of one variant at different lengths stay apart;
-profile rows (`train_tokens_per_s@T=...`, `compiled_memory_bytes@T=...`) have an empty lr.
+MQAR metrics carry their setting (`accuracy@T=128`; `accuracy@T=128,kv=16` where a length has several pair counts),
+so rows of one variant in different settings stay apart; profile rows (`train_tokens_per_s@T=...`, `compiled_memory_bytes@T=...`) have an empty lr.
 """
 
 from __future__ import annotations
@@ -35,11 +35,24 @@ def _lr(lr) -> str:
     return f"{lr:.0e}" if lr not in (None, "") else ""
 
 
+def setting(r: dict) -> tuple[int, int]:
+    """A result's task setting: (sequence length, MQAR key-value pairs; 0 for language modelling)."""
+    return r["seq_len"], int(r.get("spec", {}).get("settings", {}).get("num_kv_pairs") or 0)
+
+
+def setting_names(results: list[dict]) -> dict[tuple[int, int], str]:
+    """Setting -> its name in tables and metrics: "T=64", or "T=64,kv=8" where one length has several pair counts."""
+    keys = sorted({setting(r) for r in results})
+    lengths = [t for t, _ in keys]
+    return {(t, p): f"T={t}" + (f",kv={p}" if lengths.count(t) > 1 else "") for t, p in keys}
+
+
 def csv_rows(experiment: str, task: str, results: list[dict], profiles: list[dict]) -> list[dict]:
     rows = []
+    names = setting_names(results)
     for r in results:
         for name, value in r["metrics"].items():
-            metric = f"{name}@T={r['seq_len']}" if task == "mqar" else name
+            metric = f"{name}@{names[setting(r)]}" if task == "mqar" else name
             rows.append({"experiment": experiment, "task": task, "variant": r["label"], "params": r["params"],
                          "state_size": r["state_size"], "lr": r["lr"], "seed": r.get("seed", 0), "metric": metric,
                          "value": value})
@@ -58,21 +71,21 @@ def _score(task: str, r: dict) -> float:
     return -math.inf if math.isnan(v) else (v if higher_is_better else -v)
 
 
-def best_over_lrs(task: str, results: list[dict]) -> dict[tuple[str, int, int], dict]:
-    """(label, seq_len, seed) -> the result with the best main metric over learning rates (NaN is worst), as
+def best_over_lrs(task: str, results: list[dict]) -> dict[tuple[str, tuple[int, int], int], dict]:
+    """(label, setting, seed) -> the result with the best main metric over learning rates (NaN is worst), as
     zoology reports."""
     best = {}
     for r in results:
-        key = (r["label"], r["seq_len"], r.get("seed", 0))
+        key = (r["label"], setting(r), r.get("seed", 0))
         if key not in best or _score(task, r) > _score(task, best[key]):
             best[key] = r
     return best
 
 
-def over_seeds(task: str, results: list[dict]) -> dict[tuple[str, int], dict]:
-    """(label, seq_len) -> mean, min, max of the per-seed best main metric, the seeds and their best runs."""
+def over_seeds(task: str, results: list[dict]) -> dict[tuple[str, tuple[int, int]], dict]:
+    """(label, setting) -> mean, min, max of the per-seed best main metric, the seeds and their best runs."""
     name, _ = MAIN_METRIC[task]
-    groups: dict[tuple[str, int], list[dict]] = {}
+    groups: dict[tuple[str, tuple[int, int]], list[dict]] = {}
     for (label, t, _), r in best_over_lrs(task, results).items():
         groups.setdefault((label, t), []).append(r)
     out = {}
@@ -101,7 +114,8 @@ def markdown(experiment: str, task: str, results: list[dict], profiles: list[dic
     name, _ = MAIN_METRIC[task]
     agg = over_seeds(task, results)
     labels = list(dict.fromkeys(r["label"] for r in results))
-    seq_lens = sorted({r["seq_len"] for r in results})
+    names = setting_names(results)
+    settings = sorted(names)
     seeds = sorted({r.get("seed", 0) for r in results})
     lines = [f"# {experiment} ({task})", "", f"Produced by `{command}`; {len(results)} of {total} runs finished; "
              f"seeds {', '.join(map(str, seeds))}. With several seeds a cell is the mean [min, max] (seeds) of each "
@@ -109,42 +123,43 @@ def markdown(experiment: str, task: str, results: list[dict], profiles: list[dic
     lrs_of = lambda a: ", ".join(sorted({_lr(r["lr"]) for r in a["runs"]}))  # noqa: E731
     if task == "mqar":
         lines += ["## Test accuracy, best over learning rates", "",
-                  "| variant | params | " + " | ".join(f"T={t}" for t in seq_lens) + " |",
-                  "|---|---:|" + "---:|" * len(seq_lens)]
+                  "| variant | params | " + " | ".join(names[k] for k in settings) + " |",
+                  "|---|---:|" + "---:|" * len(settings)]
         for label in labels:
             params = next(r["params"] for r in results if r["label"] == label)
-            cells = [_spread(agg[(label, t)]) if (label, t) in agg else "" for t in seq_lens]
+            cells = [_spread(agg[(label, k)]) if (label, k) in agg else "" for k in settings]
             lines.append(f"| {label} | {params:,} | " + " | ".join(cells) + " |")
-        lines += ["", "## Per sequence length", "",
+        lines += ["", "## Per setting", "",
                   "value in context: the share of answers that are one of the row's values, right or wrong; near 1 "
                   "with accuracy near 1/pairs is the plateau before recall forms.", "",
-                  "| variant | T | state size (floats) | accuracy | value in context | best lr |",
-                  "|---|---:|---:|---:|---:|---:|"]
-        for (label, t), a in sorted(agg.items(), key=lambda kv: (labels.index(kv[0][0]), kv[0][1])):
+                  "| variant | T | pairs | state size (floats) | accuracy | value in context | best lr |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for (label, (t, pairs)), a in sorted(agg.items(), key=lambda kv: (labels.index(kv[0][0]), kv[0][1])):
             vic = _mean_metric(a["runs"], "value_in_context")
-            lines.append(f"| {label} | {t} | {a['runs'][0]['state_size']:,} | {_spread(a)} | {_fmt(vic)} "
+            lines.append(f"| {label} | {t} | {pairs} | {a['runs'][0]['state_size']:,} | {_spread(a)} | {_fmt(vic)} "
                          f"| {lrs_of(a)} |")
     else:
         lines += ["## Validation loss, best over learning rates", "",
                   "| variant | params | state size (floats) | val loss | best lr | attention-sink share | tokens/s |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for label in labels:
-            a = agg[(label, seq_lens[0])]
+            a = agg[(label, settings[0])]
             r = a["runs"][0]
             sink, tps = _mean_metric(a["runs"], "attention_sink_share"), _mean_metric(a["runs"], "tokens_per_s")
             lines.append(f"| {label} | {r['params']:,} | {r['state_size']:,} | {_spread(a)} | {lrs_of(a)} "
                          f"| {_fmt(sink, 3)} | {_fmt(tps, 0)} |")
     lrs = sorted({r["lr"] for r in results})
     lines += ["", f"## Every learning rate ({name}{', mean over seeds' if len(seeds) > 1 else ''})", "",
-              "| variant | T | " + " | ".join(_lr(lr) for lr in lrs) + " |", "|---|---:|" + "---:|" * len(lrs)]
+              "| variant | setting | " + " | ".join(_lr(lr) for lr in lrs) + " |",
+              "|---|---|" + "---:|" * len(lrs)]
     by_key: dict[tuple, list[float]] = {}
     for r in results:
-        by_key.setdefault((r["label"], r["seq_len"], r["lr"]), []).append(r["metrics"].get(name, float("nan")))
+        by_key.setdefault((r["label"], setting(r), r["lr"]), []).append(r["metrics"].get(name, float("nan")))
     for label in labels:
-        for t in seq_lens:
-            cells = [_fmt(sum(v) / len(v)) if (v := by_key.get((label, t, lr))) else "" for lr in lrs]
+        for k in settings:
+            cells = [_fmt(sum(v) / len(v)) if (v := by_key.get((label, k, lr))) else "" for lr in lrs]
             if any(cells):
-                lines.append(f"| {label} | {t} | " + " | ".join(cells) + " |")
+                lines.append(f"| {label} | {names[k]} | " + " | ".join(cells) + " |")
     if profiles:
         lines += ["", f"## Training throughput and compiled memory (forward + backward, batch "
                       f"{profiles[0]['batch_size']})", "", "| variant | T | tokens/s | memory (MiB) |",
@@ -186,22 +201,24 @@ def plots(out_dir: Path, task: str, results: list[dict], profiles: list[dict]) -
     agg = over_seeds(task, results)
     first = {key: a["runs"][0] for key, a in agg.items()}  # curves: the first seed's best run
     if task == "mqar" and results:
-        seq_lens = sorted({t for _, t in agg})
-        fig, axes = plt.subplots(1, len(seq_lens), figsize=(4.2 * len(seq_lens), 3.6), squeeze=False, sharey=True)
-        for ax, t in zip(axes[0], seq_lens):
+        names = setting_names(results)
+        settings = sorted(names)
+        fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.6), squeeze=False, sharey=True)
+        for ax, t in zip(axes[0], settings):
             for variant in dict.fromkeys(r["variant"] for r in results):  # sizes of a variant form one line
                 pts = sorted((a["runs"][0]["state_size"], a["mean"], a["min"], a["max"])
                              for (_, tt), a in agg.items() if tt == t and a["runs"][0]["variant"] == variant)
                 ax.errorbar([p[0] for p in pts], [p[1] for p in pts], fmt="o-", label=variant, capsize=2,
                             yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]])
-            ax.set(xscale="log", title=f"MQAR, T={t}", xlabel="state size (floats per sequence)", ylim=(-0.02, 1.02))
+            ax.set(xscale="log", title=f"MQAR, T={t[0]}, {t[1]} pairs", xlabel="state size (floats per sequence)",
+                   ylim=(-0.02, 1.02))
             log_axis(ax.xaxis)
             ax.margins(x=0.1)
         axes[0][0].set_ylabel("test accuracy (best lr; mean, range over seeds)")
         axes[0][-1].legend(fontsize=7, loc="best")
         save(fig, "mqar_accuracy_vs_state_size.png")
-        fig, axes = plt.subplots(1, len(seq_lens), figsize=(4.2 * len(seq_lens), 3.6), squeeze=False, sharey=True)
-        for ax, t in zip(axes[0], seq_lens):
+        fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.6), squeeze=False, sharey=True)
+        for ax, t in zip(axes[0], settings):
             runs = [r for (_, tt), r in first.items() if tt == t]
             for r in runs:
                 ax.plot([s for s, _ in r["train_loss"]], [v for _, v in r["train_loss"]], label=r["label"], lw=1)
@@ -210,7 +227,7 @@ def plots(out_dir: Path, task: str, results: list[dict], profiles: list[dict]) -
                 vocab, pairs = settings["vocab_size"], settings["num_kv_pairs"]
                 ax.axhline(math.log(vocab - vocab // 2), color="grey", ls=":", lw=1)  # uniform over all values
                 ax.axhline(math.log(pairs), color="grey", ls="--", lw=1)  # uniform over the row's values
-            ax.set(title=f"MQAR, T={t} (dotted: chance; dashed: row's values)", xlabel="step")
+            ax.set(title=f"MQAR, T={t[0]}, {t[1]} pairs (dotted: chance; dashed: row's values)", xlabel="step")
             ax.title.set_fontsize(8)
         axes[0][0].set_ylabel("train loss on the answers (best lr)")
         axes[0][-1].legend(fontsize=7, loc="best")
@@ -218,7 +235,7 @@ def plots(out_dir: Path, task: str, results: list[dict], profiles: list[dict]) -
     if task == "lm" and results:
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         for label in labels:
-            r = first[(label, results[0]["seq_len"])]
+            r = first[(label, setting(results[0]))]
             run_dir = out_dir / "runs" / r["run_id"]
             train = read_curve(run_dir / "metrics.jsonl", "loss")
             val = read_curve(run_dir / "metrics.jsonl", "val_loss")
@@ -258,4 +275,5 @@ def write_report(out_dir: Path, experiment: str, task: str, results: list[dict],
     return [csv_path, md_path] + plots(out_dir, task, results, profiles)
 
 
-__all__ = ["write_report", "csv_rows", "markdown", "plots", "best_over_lrs", "over_seeds", "CSV_COLUMNS"]
+__all__ = ["write_report", "csv_rows", "markdown", "plots", "best_over_lrs", "over_seeds", "setting", "setting_names",
+           "CSV_COLUMNS"]

@@ -25,7 +25,8 @@ class MQARSettings:
     """The `mqar:` section: the synthetic recall task and its training budget."""
 
     seq_lens: tuple[int, ...] | int = (64, 128, 256)  # sequence lengths (even)
-    num_kv_pairs: int | dict[int, int] | None = None  # key-value pairs per example (per length); null: seq_len/16
+    num_kv_pairs: int | list[int] | dict[int, int | list[int]] | None = None  # pairs per example: one count or
+    # several (a list: one run per count), per length as a mapping; null: seq_len/16 (zoology)
     vocab_size: int = 256  # token vocabulary of the task
     train_examples: int = 20000  # training examples per length
     test_examples: int = 1000  # test examples per length
@@ -246,18 +247,22 @@ def build_sweep(data: dict, where: str = "sweep") -> Sweep:
         for name, cfg in cfgs.items():
             cfg = cfg.replace(name=f"{name}/{size}" if size else name)
             for seq_len in seq_lens:
-                task_spec = settings
-                if task == "mqar":  # this length's own settings: what train_mqar receives
-                    task_spec = {**settings, "seq_lens": None, "num_kv_pairs": settings["num_kv_pairs"][seq_len],
-                                 "batch_size": settings["batch_size"][seq_len]}
-                for lr in lrs:
-                    for seed in seeds:
-                        spec = {"task": task, "lr": lr, "seed": seed, "settings": task_spec,
-                                "model": _jsonable(to_dict(cfg))}
-                        # seed 0 keeps the ids runs had before seeds were an axis (their results are reused)
-                        run_id = _run_id(name, size, f"T{seq_len}" if task == "mqar" else "", f"lr{_lr_text(lr)}",
-                                         f"s{seed}" if seed else "")
-                        runs.append(Run(run_id, name, size, lr, seq_len, seed, cfg, spec))
+                counts = settings["num_kv_pairs"][seq_len] if task == "mqar" else [None]
+                for kv in counts:
+                    task_spec = settings
+                    if task == "mqar":  # this length's (and pair count's) own settings: what train_mqar receives
+                        task_spec = {**settings, "seq_lens": None, "num_kv_pairs": kv,
+                                     "batch_size": settings["batch_size"][seq_len]}
+                    for lr in lrs:
+                        for seed in seeds:
+                            spec = {"task": task, "lr": lr, "seed": seed, "settings": task_spec,
+                                    "model": _jsonable(to_dict(cfg))}
+                            # seed 0 keeps the ids runs had before seeds were an axis (their results are reused);
+                            # the pair count is in the id only where a length has several
+                            run_id = _run_id(name, size, f"T{seq_len}" if task == "mqar" else "",
+                                             f"kv{kv}" if len(counts) > 1 else "", f"lr{_lr_text(lr)}",
+                                             f"s{seed}" if seed else "")
+                            runs.append(Run(run_id, name, size, lr, seq_len, seed, cfg, spec))
     ids = [r.run_id for r in runs]
     dup = next((i for i in ids if ids.count(i) > 1), None)
     _need(dup is None, where, "lrs", f"gives two runs the same id {dup!r} (learning rates equal to 1 digit)")
@@ -266,15 +271,24 @@ def build_sweep(data: dict, where: str = "sweep") -> Sweep:
                  _jsonable(data))
 
 
-def _per_seq_len(s: dict, key: str, seq_lens: list[int], default, where: str) -> dict[int, int]:
-    """An int for every length, or a mapping {seq_len: int} covering every length."""
+def _per_seq_len(s: dict, key: str, seq_lens: list[int], default, where: str, several: bool = False) -> dict:
+    """An int for every length, or a mapping {seq_len: int} covering every length; with `several`, each entry may
+    also be a list of distinct ints (returned as lists)."""
     value = s[key] if s[key] is not None else {t: default(t) for t in seq_lens}
     if not isinstance(value, dict):
         value = {t: value for t in seq_lens}
     value = {int(t) if str(t).isdigit() else t: v for t, v in value.items()}
     missing = [t for t in seq_lens if t not in value]
     _need(not missing, where, f"mqar.{key}", f"has no entry for seq_len {missing[0] if missing else ''}")
-    return {t: _positive_int(value[t], where, f"mqar.{key}") for t in seq_lens}
+    if not several:
+        return {t: _positive_int(value[t], where, f"mqar.{key}") for t in seq_lens}
+    out = {}
+    for t in seq_lens:
+        v = value[t] if isinstance(value[t], (list, tuple)) else [value[t]]
+        out[t] = [_positive_int(x, where, f"mqar.{key}") for x in v]
+        _need(out[t] and len(set(out[t])) == len(out[t]), where, f"mqar.{key}",
+              f"must list distinct counts for seq_len {t}, got {value[t]!r}")
+    return out
 
 
 def _mqar_settings(s: dict, where: str) -> list[int]:
@@ -288,11 +302,13 @@ def _mqar_settings(s: dict, where: str) -> list[int]:
     for k in ("weight_decay", "clip_norm", "power_a"):
         s[k] = float(s[k])
     s["batch_size"] = _per_seq_len(s, "batch_size", seq_lens, None, where)
-    s["num_kv_pairs"] = _per_seq_len(s, "num_kv_pairs", seq_lens, lambda t: max(1, t // 16), where)  # zoology: T/16
-    for t, p in s["num_kv_pairs"].items():
-        _need(4 * p <= t, where, "mqar.num_kv_pairs", f"= {p} needs seq_len >= {4 * p}, got seq_len {t}")
-        _need(p < s["vocab_size"] // 2, where, "mqar.vocab_size", f"= {s['vocab_size']} is too small for {p} "
-              f"distinct keys and values")
+    s["num_kv_pairs"] = _per_seq_len(s, "num_kv_pairs", seq_lens, lambda t: max(1, t // 16), where,  # zoology: T/16
+                                     several=True)
+    for t, counts in s["num_kv_pairs"].items():
+        for p in counts:
+            _need(4 * p <= t, where, "mqar.num_kv_pairs", f"= {p} needs seq_len >= {4 * p}, got seq_len {t}")
+            _need(p < s["vocab_size"] // 2, where, "mqar.vocab_size", f"= {s['vocab_size']} is too small for {p} "
+                  f"distinct keys and values")
     s["seq_lens"] = seq_lens
     return seq_lens
 

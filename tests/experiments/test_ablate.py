@@ -136,6 +136,31 @@ def test_a_field_added_after_a_run_was_recorded_matches_only_at_its_default():
     assert spec_difference(run.spec, unrolled, spec_defaults()) is None
 
 
+def test_several_pair_counts_per_length_are_a_sweep_axis(tmp_path, capsys):
+    """`mqar.num_kv_pairs: [2, 4]`: one run per count (the count in the id and the run's settings), and tables,
+    metrics and plots keep the settings apart; a single count keeps the ids recorded runs have."""
+    out = tmp_path / "kv"
+    argv = ["micro", f"out_dir={out}", "variants={linear: L}", "lrs=[1e-2]", "mqar.num_kv_pairs=[2, 4]",
+            "profile_seq_lens=[]"]
+    sweep = load_sweep(argv[0], argv[1:])
+    assert [(r.run_id, r.spec["settings"]["num_kv_pairs"]) for r in sweep.runs] == [
+        ("linear.T32.kv2.lr1e-2", 2), ("linear.T32.kv4.lr1e-2", 4)]
+    assert [r.run_id for r in load_sweep("micro", ["variants={linear: L}", "lrs=[1e-2]"]).runs] == ["linear.T32.lr1e-2"]
+    assert ablate_main(argv) == 0
+    capsys.readouterr()
+    _, rows = read_csv(out / "results.csv")
+    assert {r["metric"] for r in rows if r["metric"].startswith("accuracy@")} == {"accuracy@T=32,kv=2",
+                                                                                 "accuracy@T=32,kv=4"}
+    md = (out / "results.md").read_text()
+    assert "| variant | params | T=32,kv=2 | T=32,kv=4 |" in md
+    assert sum(line.startswith("| linear | 32 | 2 |") or line.startswith("| linear | 32 | 4 |")
+               for line in md.splitlines()) == 2
+    with pytest.raises(ConfigError, match="mqar.num_kv_pairs"):
+        load_sweep("micro", ["mqar.num_kv_pairs=[4, 4]"])
+    with pytest.raises(ConfigError, match="mqar.num_kv_pairs"):
+        load_sweep("micro", ["mqar.num_kv_pairs=[4, 9]"])  # 9 pairs need T >= 36
+
+
 @pytest.mark.parametrize("change, key", [
     ({"lrs": []}, "lrs"),
     ({"variantz": {}}, "variantz"),
