@@ -25,8 +25,7 @@ class MQARSettings:
     """The `mqar:` section: the synthetic recall task and its training budget."""
 
     seq_lens: tuple[int, ...] | int = (64, 128, 256)  # sequence lengths (even)
-    num_kv_pairs: int | list[int] | dict[int, int | list[int]] | None = None  # pairs per example: one count or
-    # several (a list: one run per count), per length as a mapping; null: seq_len/16 (zoology)
+    num_kv_pairs: int | list[int] | dict[int, int | list[int]] | None = None  # pairs per row; a list: a run each
     vocab_size: int = 256  # token vocabulary of the task
     train_examples: int = 20000  # training examples per length
     test_examples: int = 1000  # test examples per length
