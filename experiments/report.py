@@ -3,7 +3,8 @@
 results.csv has one row per run and metric: `experiment, task, variant, params, state_size, lr, seed, metric, value`.
 Tables and plots follow zoology: per seed the best over learning rates, then the mean and range over seeds.
 MQAR metrics carry their setting (`accuracy@T=128`; `accuracy@T=128,kv=16` where a length has several pair counts),
-so rows of one variant in different settings stay apart; profile rows (`train_tokens_per_s@T=...`, `compiled_memory_bytes@T=...`) have an empty lr.
+so rows of one variant in different settings stay apart; profile rows (`train_tokens_per_s@T=...`,
+`compiled_memory_bytes@T=...`) have an empty lr.
 """
 
 from __future__ import annotations
