@@ -202,10 +202,9 @@ def plots(out_dir: Path, task: str, results: list[dict], profiles: list[dict]) -
     agg = over_seeds(task, results)
     first = {key: a["runs"][0] for key, a in agg.items()}  # curves: the first seed's best run
     if task == "mqar" and results:
-        names = setting_names(results)
-        settings = sorted(names)
-        fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.6), squeeze=False, sharey=True)
-        for ax, t in zip(axes[0], settings):
+        keys = sorted(setting_names(results))  # one panel per (length, pair count)
+        fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False, sharey=True)
+        for ax, t in zip(axes[0], keys):
             for variant in dict.fromkeys(r["variant"] for r in results):  # sizes of a variant form one line
                 pts = sorted((a["runs"][0]["state_size"], a["mean"], a["min"], a["max"])
                              for (_, tt), a in agg.items() if tt == t and a["runs"][0]["variant"] == variant)
@@ -218,8 +217,8 @@ def plots(out_dir: Path, task: str, results: list[dict], profiles: list[dict]) -
         axes[0][0].set_ylabel("test accuracy (best lr; mean, range over seeds)")
         axes[0][-1].legend(fontsize=7, loc="best")
         save(fig, "mqar_accuracy_vs_state_size.png")
-        fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.6), squeeze=False, sharey=True)
-        for ax, t in zip(axes[0], settings):
+        fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False, sharey=True)
+        for ax, t in zip(axes[0], keys):
             runs = [r for (_, tt), r in first.items() if tt == t]
             for r in runs:
                 ax.plot([s for s, _ in r["train_loss"]], [v for _, v in r["train_loss"]], label=r["label"], lw=1)
