@@ -27,7 +27,7 @@ from experiments.sweep import load_sweep  # noqa: E402
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sweep", default="mqar", help="the sweep whose model and recorded batch are measured")
+    parser.add_argument("--sweep", default="mqar_4layer", help="the sweep whose model and recorded batch are measured")
     parser.add_argument("--variants", nargs="+", default=["softmax", "gdn", "hybrid"])
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--batches", type=int, nargs="+", default=[64], help="larger batches to measure")

@@ -36,7 +36,8 @@ def masked_cross_entropy(logits_BTV, targets_BT, mask_BT):
 
 
 @functools.lru_cache(maxsize=8)
-def programs(cfg: ModelConfig, steps: int, warmup_steps: int, weight_decay: float, clip_norm: float):
+def programs(cfg: ModelConfig, steps: int, warmup_steps: int, weight_decay: float, clip_norm: float,
+             lr_schedule: str = "cosine"):
     """(init, steps, logits) jitted functions; `steps(state, batches, lr)` applies AdamW (the peak lr an input) once
     per leading index of `batches` (each leaf [K, B, T]) and returns the K losses.
 
@@ -44,7 +45,8 @@ def programs(cfg: ModelConfig, steps: int, warmup_steps: int, weight_decay: floa
     the same update as `optax.adamw(lr * shape)`.
     """
     shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-    ocfg = OptimConfig(lr=1.0, warmup_steps=warmup_steps, weight_decay=weight_decay, clip_norm=clip_norm)
+    ocfg = OptimConfig(lr=1.0, warmup_steps=warmup_steps, weight_decay=weight_decay, clip_norm=clip_norm,
+                       schedule=lr_schedule)
     tx = optax.chain(
         optax.clip_by_global_norm(clip_norm) if clip_norm > 0 else optax.identity(),
         optax.scale_by_adam(b1=ocfg.b1, b2=ocfg.b2, eps=ocfg.eps),
@@ -99,10 +101,12 @@ def train_mqar(cfg: ModelConfig, *, seq_len: int, lr: float, settings: dict, see
     `settings` is the sweep's mqar section with `num_kv_pairs` and `batch_size` resolved to ints for this seq_len.
     """
     s = settings
-    gen = functools.partial(mqar, vocab_size=s["vocab_size"], num_kv_pairs=s["num_kv_pairs"], power_a=s["power_a"])
+    gen = functools.partial(mqar, vocab_size=s["vocab_size"], num_kv_pairs=s["num_kv_pairs"], power_a=s["power_a"],
+                            random_non_queries=s.get("random_non_queries", True))
     train = gen(s["train_examples"], seq_len, seed=seed)
     test = gen(s["test_examples"], seq_len, seed=seed + TEST_SEED_OFFSET)
-    init, steps_fn, logits_fn = programs(cfg, s["steps"], s["warmup_steps"], s["weight_decay"], s["clip_norm"])
+    init, steps_fn, logits_fn = programs(cfg, s["steps"], s["warmup_steps"], s["weight_decay"], s["clip_norm"],
+                                         s.get("lr_schedule", "cosine"))
     state = init(jax.random.key(seed))  # the same initial weights for every learning rate
     rng = np.random.default_rng(seed)
     B, n = s["batch_size"], len(train["tokens"])

@@ -36,6 +36,8 @@ class MQARSettings:
     weight_decay: float = 0.1  # AdamW weight decay
     clip_norm: float = 1.0  # global gradient-norm clip
     power_a: float = 0.01  # power-law skew of the key distribution (zoology)
+    random_non_queries: bool = True  # fill unused positions with random tokens (zoology); false: token 0
+    lr_schedule: str = "cosine"  # after warmup: cosine (to 0.1x), wsd (hold, then decay over the last 20%), constant
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,6 +302,10 @@ def _mqar_settings(s: dict, where: str) -> list[int]:
           f"must be an integer >= 0, got {s['warmup_steps']!r}")
     for k in ("weight_decay", "clip_norm", "power_a"):
         s[k] = float(s[k])
+    _need(s["lr_schedule"] in ("cosine", "wsd", "constant"), where, "mqar.lr_schedule",
+          f"must be cosine, wsd or constant, got {s['lr_schedule']!r}")
+    _need(isinstance(s["random_non_queries"], bool), where, "mqar.random_non_queries",
+          f"must be true or false, got {s['random_non_queries']!r}")
     s["batch_size"] = _per_seq_len(s, "batch_size", seq_lens, None, where)
     s["num_kv_pairs"] = _per_seq_len(s, "num_kv_pairs", seq_lens, lambda t: max(1, t // 16), where,  # zoology: T/16
                                      several=True)
@@ -383,8 +389,11 @@ def spec_difference(old: dict, new: dict, defaults: dict | None = None, _path: s
 
 
 def spec_defaults() -> dict:
-    """What a field added to the spec after a run was recorded is taken to have been: the model fields' defaults."""
-    return {"model": _jsonable(to_dict(ModelConfig()))}
+    """What a field added to the spec after a run was recorded is taken to have been: the model fields' defaults and
+    the task settings' scalar defaults."""
+    settings = {f.name: f.default for cls in (MQARSettings, LMSettings) for f in dataclasses.fields(cls)
+                if isinstance(f.default, (bool, int, float, str))}
+    return {"model": _jsonable(to_dict(ModelConfig())), "settings": settings}
 
 
 __all__ = ["Run", "Sweep", "load_sweep", "build_sweep", "shard", "resolve_path", "spec_difference", "spec_defaults"]

@@ -67,6 +67,7 @@ class ModelConfig:
     rotary_fraction: float = 0.25  # share of head_dim that RoPE rotates (partial RoPE)
     rope_theta: float = 1.0e7  # RoPE base frequency
     attn_output_gate: Literal["elementwise", "headwise", "none"] = "elementwise"  # sigmoid gate on attention output
+    attn_qk_norm: bool = True  # RMSNorm on each head's queries and keys (Qwen3.5); false: an ablation, raw logits
     sliding_window: int = 0  # attention window in tokens; 0: full causal attention
     attention_impl: Literal["auto", "xla_dense", "xla_blocked", "splash"] = field(
         "auto", doc="training/prefill attention kernel (pallas_kernels.flash_attention); auto: splash on TPU, "

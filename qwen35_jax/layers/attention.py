@@ -122,8 +122,9 @@ class GatedAttention(nn.Module):
         q_BTHK, gate = qg_BTHX[..., :K], qg_BTHX[..., K:]
         k_BTGK = proj(G * K, ("embed", "kv_heads"), "k_proj")(x_BTD).reshape(B, T, G, K)
         v_BTGK = proj(G * K, ("embed", "kv_heads"), "v_proj")(x_BTD).reshape(B, T, G, K)
-        norm = lambda name: RMSNorm(cfg.rms_norm_eps, param_dtype, name=name)  # noqa: E731
-        q_BTHK, k_BTGK = norm("q_norm")(q_BTHK), norm("k_norm")(k_BTGK)
+        if cfg.attn_qk_norm:
+            norm = lambda name: RMSNorm(cfg.rms_norm_eps, param_dtype, name=name)  # noqa: E731
+            q_BTHK, k_BTGK = norm("q_norm")(q_BTHK), norm("k_norm")(k_BTGK)
         if positions_BT.ndim == 3:  # [3, B, T] mRoPE rows (vision inputs)
             cos, sin = mrope_cos_sin(positions_BT, cfg.rotary_dim, cfg.rope_theta, cfg.mrope_section, dtype,
                                      scaling=cfg.rope_scaling)
@@ -157,7 +158,7 @@ class GatedAttention(nn.Module):
     @staticmethod
     def num_params(cfg) -> int:
         D, H, G, K = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        return D * H * (K + gate_width(cfg)) + 2 * D * G * K + H * K * D + 2 * K
+        return D * H * (K + gate_width(cfg)) + 2 * D * G * K + H * K * D + (2 * K if cfg.attn_qk_norm else 0)
 
     @staticmethod
     def sequence_flops(cfg, seq_len: int) -> float:

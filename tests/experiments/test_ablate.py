@@ -115,15 +115,15 @@ def test_micro_lm_sweep_trains_and_measures_the_sink(tmp_path, capsys):
 
 
 def test_shards_split_the_grid(capsys):
-    sweep = load_sweep("mqar", ["lrs=[1e-3, 3e-3, 1e-2]"])
-    assert ablate_main(["mqar", "lrs=[1e-3, 3e-3, 1e-2]", "--list", "--shard", "1/5"]) == 0
+    sweep = load_sweep("mqar_4layer", ["lrs=[1e-3, 3e-3, 1e-2]"])
+    assert ablate_main(["mqar_4layer", "lrs=[1e-3, 3e-3, 1e-2]", "--list", "--shard", "1/5"]) == 0
     listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
     assert listed == [r.run_id for r in sweep.runs[1::5]]
     assert len({r.run_id for r in sweep.runs}) == len(sweep.runs) == 9 * 3 * 3  # variants x lengths x lrs
 
 
 def test_a_field_added_after_a_run_was_recorded_matches_only_at_its_default():
-    run = load_sweep("mqar").runs[0]
+    run = load_sweep("mqar_4layer").runs[0]
     old = {**run.spec, "model": {k: v for k, v in run.spec["model"].items() if k != "attention_impl"}}
     assert run.spec["model"]["attention_impl"] == "auto"
     assert spec_difference(old, run.spec, spec_defaults()) is None
@@ -193,3 +193,27 @@ def test_every_sweep_config_builds_and_still_owns_its_recorded_runs(config):
         run_id = path.parent.name
         assert run_id in runs, f"{path}: not a run of configs/ablate/{config}.yaml"
         assert finished(sweep, runs[run_id]) is not None  # raises, naming the key, on a spec that differs
+
+
+@pytest.mark.parametrize("results", sorted(p.parent.name for p in (REPO / "experiments" / "results").glob("*/results.md")))
+def test_every_recorded_results_directory_is_rebuilt_by_the_command_it_names(results):
+    """Each recorded results.md names the `qwen35 ablate` command that rebuilds it (`--report-only`); that command,
+    with today's configs, still builds a grid that owns every run in the directory, with the same spec (a config
+    edited or renamed without updating the recorded command is caught here)."""
+    import re
+    import shlex
+
+    from experiments.ablate import finished
+
+    directory = REPO / "experiments" / "results" / results
+    produced = re.search(r"Produced by `qwen35 ablate ([^`]+)`", (directory / "results.md").read_text())
+    assert produced, f"{directory}/results.md: no 'Produced by `qwen35 ablate ...`' line"
+    config, *overrides = shlex.split(produced.group(1))
+    sweep = load_sweep(config, overrides)
+    assert (REPO / sweep.out_dir).resolve() == directory.resolve(), f"{produced.group(1)}: writes {sweep.out_dir}"
+    runs = {r.run_id: r for r in sweep.runs}
+    recorded = sorted((directory / "runs").glob("*/result.json"))
+    assert recorded, f"{directory}: no recorded runs"
+    for path in recorded:
+        assert path.parent.name in runs, f"{path}: not a run of `qwen35 ablate {produced.group(1)}`"
+        assert finished(sweep, runs[path.parent.name]) is not None

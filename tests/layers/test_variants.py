@@ -248,3 +248,25 @@ def test_family_under_context_parallelism_equals_one_device():
     res = json.loads(out.stdout.strip().splitlines()[-1])
     for name, r in res.items():
         assert r["rel"] < 1e-5 and r["grad_err"] < 1e-4 and r["ppermute"] >= 4, (name, r)
+
+
+def test_attention_without_qk_norm_is_an_ablation_switch():
+    """`attn_qk_norm: false` drops q_norm/k_norm (parameters, count and output change); Qwen3.5 checkpoints cannot
+    express it, so the export refuses and names the switch."""
+    from qwen35_jax.hf import CheckpointError
+    from qwen35_jax.hf.config import config_to_hf
+
+    cfg, off = tiny(), tiny(attn_qk_norm=False)
+    run, params = mixer_fn("attn", cfg)
+    _, params_off = mixer_fn("attn", off)
+    assert {"q_norm", "k_norm"} <= set(params["params"]) and not {"q_norm", "k_norm"} & set(params_off["params"])
+    assert MIXERS["attn"].num_params(off) == sum(a.size for a in jax.tree.leaves(params_off))
+    assert MIXERS["attn"].num_params(cfg) - MIXERS["attn"].num_params(off) == 2 * cfg.head_dim
+    x = np.asarray(jax.random.normal(jax.random.key(5), (1, 8, cfg.hidden_size)))
+    seg, pos = np.ones((1, 8), np.int32), np.arange(8)[None]
+    same = {k: v for k, v in params["params"].items() if k not in ("q_norm", "k_norm")}
+    assert jax.tree.structure(same) == jax.tree.structure(params_off["params"])
+    y_off = MIXERS["attn"](off).apply({"params": same}, x, segment_ids_BT=seg, positions_BT=pos)
+    assert not np.allclose(run(x, seg, pos), y_off, atol=1e-4)  # the same projections, unnormalised q and k
+    with pytest.raises(CheckpointError, match="qk norm False"):
+        config_to_hf(load_config("tiny", attn_qk_norm=False))
