@@ -48,7 +48,7 @@ def main(argv=None) -> int:
 
         def contender(name, B, k, scan_layers):
             init, steps_fn, _ = programs(run.model.replace(scan_layers=scan_layers), s["steps"], s["warmup_steps"],
-                                         s["weight_decay"], s["clip_norm"])
+                                         s["weight_decay"], s["clip_norm"], s["lr_schedule"])
             states[name] = init(jax.random.key(0))
             chunks = [{n: jnp.asarray(v[i * k * B:(i + 1) * k * B].reshape(k, B, T)) for n, v in data.items()}
                       for i in range(K // k)]

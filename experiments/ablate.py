@@ -35,7 +35,7 @@ def finished(sweep: Sweep, run: Run) -> dict | None:
     if not path.exists():
         return None
     old = json.loads(path.read_text())
-    diff = spec_difference(old.get("spec", {}), run.spec, spec_defaults())
+    diff = spec_difference(old.get("spec", {}), run.spec, spec_defaults(run.spec["task"]))
     if diff is not None:
         raise UserError(f"{path} was produced with a different {diff!r}; use another out_dir or delete "
                         f"{path.parent} to run it again")

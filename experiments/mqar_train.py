@@ -37,7 +37,7 @@ def masked_cross_entropy(logits_BTV, targets_BT, mask_BT):
 
 @functools.lru_cache(maxsize=8)
 def programs(cfg: ModelConfig, steps: int, warmup_steps: int, weight_decay: float, clip_norm: float,
-             lr_schedule: str = "cosine"):
+             lr_schedule: str):
     """(init, steps, logits) jitted functions; `steps(state, batches, lr)` applies AdamW (the peak lr an input) once
     per leading index of `batches` (each leaf [K, B, T]) and returns the K losses.
 
@@ -102,11 +102,11 @@ def train_mqar(cfg: ModelConfig, *, seq_len: int, lr: float, settings: dict, see
     """
     s = settings
     gen = functools.partial(mqar, vocab_size=s["vocab_size"], num_kv_pairs=s["num_kv_pairs"], power_a=s["power_a"],
-                            random_non_queries=s.get("random_non_queries", True))
+                            random_non_queries=s["random_non_queries"])
     train = gen(s["train_examples"], seq_len, seed=seed)
     test = gen(s["test_examples"], seq_len, seed=seed + TEST_SEED_OFFSET)
     init, steps_fn, logits_fn = programs(cfg, s["steps"], s["warmup_steps"], s["weight_decay"], s["clip_norm"],
-                                         s.get("lr_schedule", "cosine"))
+                                         s["lr_schedule"])
     state = init(jax.random.key(seed))  # the same initial weights for every learning rate
     rng = np.random.default_rng(seed)
     B, n = s["batch_size"], len(train["tokens"])

@@ -388,12 +388,13 @@ def spec_difference(old: dict, new: dict, defaults: dict | None = None, _path: s
     return None if old == new else ""
 
 
-def spec_defaults() -> dict:
-    """What a field added to the spec after a run was recorded is taken to have been: the model fields' defaults and
-    the task settings' scalar defaults."""
-    settings = {f.name: f.default for cls in (MQARSettings, LMSettings) for f in dataclasses.fields(cls)
-                if isinstance(f.default, (bool, int, float, str))}
-    return {"model": _jsonable(to_dict(ModelConfig())), "settings": settings}
+def spec_defaults(task: str | None = None) -> dict:
+    """What a field added to the spec after a run was recorded is taken to have been: the model fields' defaults and,
+    for a `task`, its settings' scalar defaults."""
+    settings = {"mqar": MQARSettings, "lm": LMSettings}.get(task)
+    scalars = {f.name: f.default for f in dataclasses.fields(settings)
+               if isinstance(f.default, (bool, int, float, str))} if settings else {}
+    return {"model": _jsonable(to_dict(ModelConfig())), "settings": scalars}
 
 
 __all__ = ["Run", "Sweep", "load_sweep", "build_sweep", "shard", "resolve_path", "spec_difference", "spec_defaults"]

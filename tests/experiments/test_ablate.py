@@ -131,6 +131,11 @@ def test_a_field_added_after_a_run_was_recorded_matches_only_at_its_default():
     changed = {**run.spec, "model": {**run.spec["model"], "attention_impl": "xla_dense"}}
     assert spec_difference(old, changed, spec_defaults()) == "model.attention_impl"
     assert spec_difference(run.spec, {**run.spec, "lr": 1.0}, spec_defaults()) == "lr"
+    settings = {k: v for k, v in run.spec["settings"].items() if k != "lr_schedule"}  # recorded before the field
+    assert run.spec["settings"]["lr_schedule"] == "cosine"
+    assert spec_difference({**run.spec, "settings": settings}, run.spec, spec_defaults("mqar")) is None
+    wsd = {**run.spec, "settings": {**run.spec["settings"], "lr_schedule": "wsd"}}
+    assert spec_difference({**run.spec, "settings": settings}, wsd, spec_defaults("mqar")) == "settings.lr_schedule"
     # how the step compiles (layers scanned or unrolled, remat) does not make a recorded run stale
     unrolled = {**run.spec, "model": {**run.spec["model"], "scan_layers": False, "remat": "full"}}
     assert spec_difference(run.spec, unrolled, spec_defaults()) is None
