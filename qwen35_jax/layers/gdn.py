@@ -34,6 +34,7 @@ from pallas_kernels.gated_linear_attention import (chunk_gated_linear_attention,
                                                    recurrent_gated_linear_attention_states)
 from qwen35_jax.layers.common import accum_dtype, dense, dtypes, param
 from qwen35_jax.layers.norms import GatedRMSNorm
+from qwen35_jax.layers.short_conv import conv_continue, conv_init, conv_per_shard
 from qwen35_jax.sharding import sequence_shards, shard_sequence
 
 
@@ -76,27 +77,6 @@ def rule_per_shard(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, segment_ids_BT, cfg,
     return shard_sequence(local, args, (_HEADS4, _HEADS4, _HEADS4, _HEADS3, _HEADS3, _ROWS), (_HEADS4, None))
 
 
-def conv_per_shard(x_BTC, kernel_KC, segment_ids_BT):
-    """`causal_depthwise_conv`; with the sequence split over devices, each first receives the last K-1 columns (and
-    their segment ids) of the previous device's slice (the first device: zeros, i.e. nothing before the start)."""
-    n = sequence_shards(x_BTC.shape[1])
-    if n == 1 or x_BTC.shape[1] // n < kernel_KC.shape[0] - 1:  # no split, or slices shorter than the history
-        return causal_depthwise_conv(x_BTC, kernel_KC, segment_ids_BT)  # (e.g. an 8-token init): XLA partitions it
-
-    def local(x, w, seg, *, axis_name):
-        halo = w.shape[0] - 1
-        if axis_name is None or halo == 0:
-            return (causal_depthwise_conv(x, w, seg),)
-        n = jax.lax.axis_size(axis_name)
-        prev = lambda a: jax.lax.ppermute(a[:, -halo:], axis_name, [(i, i + 1) for i in range(n - 1)])  # noqa: E731
-        xs, segs = jnp.concatenate([prev(x), x], axis=1), jnp.concatenate([prev(seg), seg], axis=1)
-        return (causal_depthwise_conv(xs, w, segs)[:, halo:],)
-
-    (out,) = shard_sequence(local, (x_BTC, kernel_KC, segment_ids_BT), (_ROWS + (None,), (None, None), _ROWS),
-                            (_ROWS + (None,),))
-    return out
-
-
 def a_log_init(key, shape, dtype):
     return jnp.log(jax.random.uniform(key, shape, jnp.float32, 0.01, 16.0)).astype(dtype)
 
@@ -115,35 +95,6 @@ def dt_bias_init(key, shape, dtype):
     log_dt = jax.random.uniform(key, shape, jnp.float32, jnp.log(DT_MIN), jnp.log(DT_MAX))
     dt = jnp.exp(log_dt)
     return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)  # the inverse of softplus
-
-
-def conv_init(key, shape, dtype):
-    # torch's Conv1d default (kaiming-uniform, a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = kernel size.
-    bound = shape[0] ** -0.5
-    return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
-
-
-def causal_depthwise_conv(x_BTC, kernel_KC, segment_ids_BT):
-    """out[t] = sum_j kernel[j] * x[t - (K-1) + j], taps outside the current document contribute zero."""
-    K = kernel_KC.shape[0]
-    T = x_BTC.shape[1]
-    out = x_BTC * kernel_KC[K - 1]
-    for lag in range(1, min(K, T + 1)):
-        shifted = jnp.pad(x_BTC, ((0, 0), (lag, 0), (0, 0)))[:, :T]
-        seg = jnp.pad(segment_ids_BT, ((0, 0), (lag, 0)), constant_values=-1)[:, :T]
-        same = (seg == segment_ids_BT)[..., None]
-        out = out + jnp.where(same, shifted, 0) * kernel_KC[K - 1 - lag]
-    return out
-
-
-def last_valid_columns(window_BWC, segment_ids_BT, n: int):
-    """The `n` pre-conv columns that end at each row's last non-padding token (trailing padding, as in a speculative
-    verify step that commits only a prefix, is skipped; leading padding needs nothing: its columns are zero)."""
-    W, T = window_BWC.shape[1], segment_ids_BT.shape[1]
-    trailing = jnp.sum(jnp.cumprod((segment_ids_BT == 0)[:, ::-1].astype(jnp.int32), axis=1), axis=1)
-    trailing = jnp.where(trailing == T, 0, trailing)  # an all-padding row keeps the plain tail
-    take = lambda w, t: jax.lax.dynamic_slice_in_dim(w, W - n - t, n, axis=0)  # noqa: E731
-    return jax.vmap(take)(window_BWC, trailing)
 
 
 class GatedDeltaNet(nn.Module):
@@ -175,16 +126,8 @@ class GatedDeltaNet(nn.Module):
             conv_BTC = conv_per_shard(qkv_BTC.astype(f32), kernel_KC.astype(f32), segment_ids_BT)
         else:  # continue from the last K-1 pre-conv columns of this sequence
             checkpoints = cache["state"].ndim == 5  # per-position layout: continue from the last checkpoint
-            last_conv = cache["conv"][:, -1] if checkpoints else cache["conv"]
-            window = jnp.concatenate([last_conv.astype(f32), qkv_BTC.astype(f32)], axis=1)
-            ones = jnp.ones(window.shape[:2], jnp.int32)
-            conv_BTC = causal_depthwise_conv(window, kernel_KC.astype(f32), ones)[:, -T:]
-            if checkpoints:  # the K-1 columns ending at each new token: [B, T, K-1, C]
-                K1 = cfg.gdn_conv_kernel - 1
-                new_conv = jnp.stack([window[:, t + 1: t + 1 + K1] for t in range(T)], axis=1)
-            else:
-                new_conv = last_valid_columns(window, segment_ids_BT, cfg.gdn_conv_kernel - 1)
-            new_conv = new_conv.astype(cache["conv"].dtype)
+            conv_BTC, new_conv = conv_continue(cache["conv"], qkv_BTC.astype(f32), kernel_KC.astype(f32),
+                                               segment_ids_BT, checkpoints)
         qkv_BTC = jax.nn.silu(conv_BTC).astype(dtype)
         q_BTHK = qkv_BTC[..., : Hk * dk].reshape(B, T, Hk, dk)
         k_BTHK = qkv_BTC[..., Hk * dk: 2 * Hk * dk].reshape(B, T, Hk, dk)

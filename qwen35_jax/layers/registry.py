@@ -23,6 +23,7 @@ _TABLE: dict[str, list] = {
     "linear": ["L", f"{_GDN}:LinearAttention"],
     "gla": ["M", f"{_GDN}:GatedLinearAttention"],
     "deltanet": ["D", f"{_GDN}:DeltaNet"],
+    "conv": ["C", "qwen35_jax.layers.short_conv:ShortConv"],  # zoology's gated short convolution (BaseConv)
 }
 
 

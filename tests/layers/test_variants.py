@@ -18,9 +18,9 @@ from qwen35_jax.layers import MIXERS, GatedDeltaNet, LinearAttention, register_m
 from qwen35_jax.layers.registry import letters, mixer_names
 from tests.cpu_env import cpu_env
 
-VARIANTS = ["softmax", "attn", "attn_headwise", "swa", "linear", "gla", "deltanet", "gdn"]
+VARIANTS = ["softmax", "attn", "attn_headwise", "swa", "linear", "gla", "deltanet", "gdn", "conv"]
 LETTERS = {"F": "softmax", "A": "attn", "H": "attn_headwise", "S": "swa", "L": "linear", "M": "gla", "D": "deltanet",
-           "G": "gdn"}
+           "G": "gdn", "C": "conv"}
 
 unbox = nn.meta.unbox  # module.init boxes parameters with their logical axes
 
@@ -54,9 +54,9 @@ def test_registry_names_and_letters_round_trip():
     assert letters() == LETTERS and set(mixer_names()) == set(VARIANTS)
     for name in mixer_names():  # every letter parses to the mixer it prints as
         assert expand_pattern(pattern_letters((name,)), 1) == (name,) and name in MIXERS
-    cfg = tiny(layer_pattern="FAHSLMDG", num_layers=8)
-    assert cfg.layer_pattern == tuple(LETTERS[c] for c in "FAHSLMDG")
-    assert " 8 layers FAHSLMDG," in describe(cfg)  # `qwen35 info` prints the letters the parser reads
+    cfg = tiny(layer_pattern="FAHSLMDGC", num_layers=9)
+    assert cfg.layer_pattern == tuple(LETTERS[c] for c in "FAHSLMDGC")
+    assert " 9 layers FAHSLMDGC," in describe(cfg)  # `qwen35 info` prints the letters the parser reads
     with pytest.raises(ValueError, match="'G' is taken by 'gdn'"):
         register_mixer("other", GatedDeltaNet, "G")
 
@@ -198,9 +198,33 @@ def test_state_sizes():
     conv = 3 * (2 * 1 * 8 + 4 * 16)  # (K - 1) * conv_dim
     for name in ("linear", "gla", "deltanet", "gdn"):
         assert MIXERS[name].state_size(cfg, 64) == MIXERS[name].state_size(cfg, 4096) == 4 * 8 * 16 + conv
+    assert MIXERS["conv"].state_size(cfg, 64) == MIXERS["conv"].state_size(cfg, 4096) == 3 * cfg.hidden_size
 
 
-@pytest.mark.parametrize("pattern", ["GLMD", "FSHA"])
+def test_short_conv_is_zoologys_gated_convolution_and_decodes():
+    """ShortConv against a float64 loop of zoology's BaseConv (y_t = sum_j w_j x_(t-K+1+j) * (x_t W)), then
+    token-by-token decoding and a checkpointed verify pass continuing the full forward."""
+    cfg = tiny()
+    T, K = 19, cfg.gdn_conv_kernel
+    run, params = mixer_fn("conv", cfg, T=T)
+    x = np.asarray(jax.random.normal(jax.random.key(5), (2, T, cfg.hidden_size)))
+    w = np.asarray(params["params"]["conv1d"], np.float64)
+    W = np.asarray(params["params"]["in_proj"]["kernel"], np.float64)
+    x64 = x.astype(np.float64)
+    want = np.zeros_like(x64)
+    for t in range(T):
+        conv = sum(w[j] * x64[:, t - K + 1 + j] for j in range(K) if t - K + 1 + j >= 0)
+        want[:, t] = conv * (x64[:, t] @ W)
+    full = np.asarray(run(x, np.ones((2, T), np.int32), np.arange(T)[None]))
+    np.testing.assert_allclose(full, want, rtol=1e-5, atol=1e-5)
+    got, checkpoints = _decode(MIXERS["conv"](cfg), params, jnp.asarray(x))
+    np.testing.assert_allclose(got, full, rtol=1e-5, atol=1e-5)
+    # one window per verified position: the last equals the last K-1 inputs
+    assert checkpoints["state"].shape == (2, 4, K - 1, cfg.hidden_size)
+    np.testing.assert_allclose(checkpoints["state"][:, -1], x[:, T - K + 1:], rtol=1e-6)
+
+
+@pytest.mark.parametrize("pattern", ["GLMD", "FSHA", "CFCG"])
 def test_tiny_models_from_compact_patterns(pattern):
     cfg = tiny(layer_pattern=pattern)
     params = random_params(lambda key: init_params(cfg, key), seed=1)
@@ -222,7 +246,7 @@ CONTEXT_PARALLEL = textwrap.dedent('''
     seg = np.ones((B, T), np.int32)
     seg[0, 5:] = 2; seg[0, 16:] = 3; seg[1, :3] = 0     # a document inside a slice, one on a slice boundary
     res = {}
-    for name in ("linear", "gla", "deltanet", "gdn"):
+    for name in ("linear", "gla", "deltanet", "gdn", "conv"):
         mixer = MIXERS[name](cfg)
         params = mixer.init(jax.random.key(1), x, segment_ids_BT=seg)
         # a fresh function per context: jit's trace cache would otherwise reuse the one-device program
@@ -240,14 +264,15 @@ CONTEXT_PARALLEL = textwrap.dedent('''
 
 
 def test_family_under_context_parallelism_equals_one_device():
-    """Every member's state update carries across the devices of a `sequence` mesh (the affine-map scan works for
+    """Every member's state update (and the gated short conv's halo) carries across the devices of a `sequence` mesh (the affine-map scan works for
     any update linear in the state): forward and gradients equal one device's with packed documents."""
     out = subprocess.run([sys.executable, "-c", CONTEXT_PARALLEL], env=cpu_env(4), capture_output=True, text=True,
                          timeout=1200)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     for name, r in res.items():
-        assert r["rel"] < 1e-5 and r["grad_err"] < 1e-4 and r["ppermute"] >= 4, (name, r)
+        # the conv halo (values and segment ids); the family also carries its state across devices
+        assert r["rel"] < 1e-5 and r["grad_err"] < 1e-4 and r["ppermute"] >= (2 if name == "conv" else 4), (name, r)
 
 
 def test_attention_without_qk_norm_is_an_ablation_switch():
