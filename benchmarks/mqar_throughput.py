@@ -1,7 +1,9 @@
-"""MQAR cell throughput: training tokens per second of the lab's MQAR loop as the recorded sweep ran it (one
-compiled call per optimizer step, the layers scanned) against `LOG_EVERY` steps per compiled call (`lax.scan`), with
-the layers scanned and unrolled (`scan_layers: false`, the MQAR sweeps' setting now), at the recorded batch and at
-larger batches, alternating in one process. Pinned to one core (as one `--shard` job of a sweep runs).
+"""MQAR cell throughput: training tokens per second of the lab's MQAR loop as the first recorded sweep ran it (one
+compiled call per optimizer step, the layers scanned; `--sweep`, default mqar_4layer) against `LOG_EVERY` steps per
+compiled call (`lax.scan`), with the layers scanned and unrolled (`scan_layers: false`, the MQAR sweeps' setting
+now), at the recorded batch and at larger batches, and against the cell of the same mixer in the current recorded
+sweep (`--cell-sweep`, default mqar: zoology's gated conv + one mixer layer, so a different, smaller model; its row
+says so), alternating in one process. Pinned to one core (as one `--shard` job of a sweep runs).
 
     JAX_PLATFORMS=cpu .venv/bin/python benchmarks/mqar_throughput.py --cores 1 \
         --out benchmarks/results/mqar_throughput.json
@@ -23,11 +25,14 @@ from benchmarks.common import (add_load_arguments, environment, interleaved, loa
 from experiments.mqar import mqar  # noqa: E402
 from experiments.mqar_train import LOG_EVERY, programs  # noqa: E402
 from experiments.sweep import load_sweep  # noqa: E402
+from qwen35_jax.layers import letter_of  # noqa: E402
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", default="mqar_4layer", help="the sweep whose model and recorded batch are measured")
+    parser.add_argument("--cell-sweep", default="mqar", help="the current recorded sweep, whose cell is also timed "
+                        "('' to skip)")
     parser.add_argument("--variants", nargs="+", default=["softmax", "gdn", "hybrid"])
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--batches", type=int, nargs="+", default=[64], help="larger batches to measure")
@@ -37,6 +42,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     guard = load_guard(args)
     sweep = load_sweep(args.sweep)
+    cells = load_sweep(args.cell_sweep) if args.cell_sweep else None
     rows, results = [], {}
     for variant in args.variants:
         run = next(r for r in sweep.runs if r.variant == variant and r.seq_len == args.seq_len)
@@ -46,9 +52,10 @@ def main(argv=None) -> int:
         lr = jnp.asarray(run.lr, jnp.float32)
         states = {}
 
-        def contender(name, B, k, scan_layers):
-            init, steps_fn, _ = programs(run.model.replace(scan_layers=scan_layers), s["steps"], s["warmup_steps"],
-                                         s["weight_decay"], s["clip_norm"], s["lr_schedule"])
+        def contender(name, B, k, scan_layers, model=None):
+            model = (model or run.model).replace(scan_layers=scan_layers)
+            init, steps_fn, _ = programs(model, s["steps"], s["warmup_steps"], s["weight_decay"], s["clip_norm"],
+                                         s["lr_schedule"])
             states[name] = init(jax.random.key(0))
             chunks = [{n: jnp.asarray(v[i * k * B:(i + 1) * k * B].reshape(k, B, T)) for n, v in data.items()}
                       for i in range(K // k)]
@@ -65,6 +72,12 @@ def main(argv=None) -> int:
                                         (f"scan{K} steps, unrolled, B={B0}", B0, K, False)] + [
                 (f"scan{K} steps, unrolled, B={B}", B, K, False) for B in args.batches]:
             fns[name], tokens[name] = contender(name, B, k, scan_layers)
+        cell = next((r for r in cells.runs if r.variant == variant and r.seq_len == T), None) if cells else None
+        if cell is not None:  # the same loop on the current sweep's model of this mixer (same T, batch, schedule)
+            pattern = "".join(letter_of(m) for m in cell.model.layer_pattern)
+            name = f"{args.cell_sweep} sweep's cell ({pattern}), scan{K} steps, B={cell.spec['settings']['batch_size']}"
+            fns[name], tokens[name] = contender(name, cell.spec["settings"]["batch_size"], K,
+                                                cell.model.scan_layers, cell.model)
         timed = interleaved(fns, warmup=1, steps=args.rounds)
         for name, r in timed.items():
             per_token = {n: [t / tokens[n] for t in timed[n]["times_s"]] for n in (name, base)}
