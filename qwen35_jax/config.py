@@ -80,6 +80,9 @@ class ModelConfig:
     gdn_conv_kernel: int = 4  # taps of the causal depthwise conv before q, k, v
     gdn_chunk_size: int = 64  # chunk length of the chunked delta rule (a power of two)
     gdn_impl: Literal["auto", "xla", "pallas", "recurrent"] = "auto"  # delta-rule kernel; auto: pallas on TPU
+    gdn_dt_init_range: tuple[float, float] = field(
+        (1e-3, 1e-1), doc="init only: softplus(dt_bias) log-uniform in [lo, hi] (Mamba2/fla); the per-token decay "
+                          "rate at init is exp(A_log) * dt")
     # Feed-forward.
     intermediate_size: int = 512  # dense SwiGLU width (dense models and mlp_only_layers)
     num_experts: int = 8  # routed experts; 0: dense model
@@ -115,6 +118,7 @@ class ModelConfig:
         set_("layer_pattern", expand_pattern(self.layer_pattern, self.num_layers))
         set_("mlp_only_layers", tuple(int(i) for i in self.mlp_only_layers))
         set_("mrope_section", tuple(int(i) for i in self.mrope_section))
+        set_("gdn_dt_init_range", tuple(float(v) for v in self.gdn_dt_init_range))
         validate(self)
 
     @classmethod
@@ -235,6 +239,8 @@ def validate(cfg: ModelConfig) -> None:
     for i in cfg.mlp_only_layers:
         need(0 <= i < cfg.num_layers, f"mlp_only_layers names layer {i}, outside [0, {cfg.num_layers})")
     need(cfg.gdn_conv_kernel >= 1, "gdn_conv_kernel must be >= 1")
+    dt = cfg.gdn_dt_init_range
+    need(len(dt) == 2 and 0 < dt[0] <= dt[1], f"gdn_dt_init_range={list(dt)} must be [lo, hi] with 0 < lo <= hi")
     rs = cfg.rope_scaling
     if rs is not None:
         need(rs.factor >= 1.0, f"rope_scaling.factor must be >= 1, got {rs.factor}")

@@ -81,18 +81,17 @@ def a_log_init(key, shape, dtype):
     return jnp.log(jax.random.uniform(key, shape, jnp.float32, 0.01, 16.0)).astype(dtype)
 
 
-DT_MIN, DT_MAX = 1e-3, 1e-1
-
-
-def dt_bias_init(key, shape, dtype):
-    """Mamba2 / flash-linear-attention's time-step init: softplus(dt_bias) = dt, log-uniform in [1e-3, 1e-1].
+def dt_bias_init(key, shape, dtype, dt_range=(1e-3, 1e-1)):
+    """Mamba2 / flash-linear-attention's time-step init: softplus(dt_bias) = dt, log-uniform in `dt_range`
+    (the config's `gdn_dt_init_range`, by default [1e-3, 1e-1]).
 
     transformers fills dt_bias with ones (it only ever loads trained weights): with A = exp(A_log) up to 16 that is
     a per-token decay exp(-1.31 A), so a freshly initialised layer forgets everything within a token or two, and
     the small gradients through that decay keep it there (Gated DeltaNet stayed at chance on MQAR). The log-uniform
     dt gives decays from about 1.0 to exp(-1.6) per token at init.
     """
-    log_dt = jax.random.uniform(key, shape, jnp.float32, jnp.log(DT_MIN), jnp.log(DT_MAX))
+    lo, hi = dt_range
+    log_dt = jax.random.uniform(key, shape, jnp.float32, jnp.log(lo), jnp.log(hi))
     dt = jnp.exp(log_dt)
     return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)  # the inverse of softplus
 
@@ -133,7 +132,8 @@ class GatedDeltaNet(nn.Module):
         k_BTHK = qkv_BTC[..., Hk * dk: 2 * Hk * dk].reshape(B, T, Hk, dk)
         v_BTHV = qkv_BTC[..., 2 * Hk * dk:].reshape(B, T, Hv, dv)
         if self.decay:
-            dt_bias = param(self, "dt_bias", dt_bias_init, (Hv,), param_dtype, ("heads",))
+            dt_init = functools.partial(dt_bias_init, dt_range=cfg.gdn_dt_init_range)
+            dt_bias = param(self, "dt_bias", dt_init, (Hv,), param_dtype, ("heads",))
             A_log = param(self, "A_log", a_log_init, (Hv,), param_dtype, ("heads",))
             g_BTH = -jnp.exp(A_log.astype(f32)) * jax.nn.softplus(a_BTH.astype(f32) + dt_bias.astype(f32))
         if cache is None:

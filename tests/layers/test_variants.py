@@ -125,20 +125,28 @@ def test_linear_variants_have_their_gates_only():
     assert keys["gdn"] == keys["gla"] | keys["deltanet"]
 
 
-@pytest.mark.parametrize("name", ["gla", "gdn"])
-def test_decay_init_keeps_memory(name):
+@pytest.mark.parametrize("name,dt_range", [("gla", None), ("gdn", None), ("gdn", (1e-4, 1e-3))])
+def test_decay_init_keeps_memory(name, dt_range):
     """From scratch, softplus(dt_bias) is log-uniform in [1e-3, 1e-1] (Mamba2 / FLA), not transformers' ones: with
     dt_bias = 1 and A up to 16 the initial decay is exp(-1.31 A) per token and Gated DeltaNet never left chance on
-    MQAR. With a = 0 the initial per-token decays lie in [exp(-1.6), 1)."""
-    cfg = tiny(gdn_num_value_heads=256)
+    MQAR. With a = 0 the initial per-token decays lie in [exp(-16 hi), 1). `gdn_dt_init_range` moves the range."""
+    cfg = tiny(gdn_num_value_heads=256, **({} if dt_range is None else {"gdn_dt_init_range": list(dt_range)}))
+    lo, hi = dt_range or (1e-3, 1e-1)
     x = jnp.zeros((1, 4, cfg.hidden_size))
     params = unbox(MIXERS[name](cfg).init(jax.random.key(0), x, segment_ids_BT=jnp.ones((1, 4), jnp.int32))["params"])
     dt = np.asarray(jax.nn.softplus(params["dt_bias"]))
-    assert dt.min() >= 1e-3 * (1 - 1e-5) and dt.max() <= 1e-1 * (1 + 1e-5), (dt.min(), dt.max())
-    log_dt = np.log(dt)  # spread over the whole range (log-uniform: about half below the geometric middle, 1e-2)
-    assert log_dt.max() - log_dt.min() > 0.8 * np.log(100) and 0.35 < np.mean(dt < 1e-2) < 0.65
+    assert dt.min() >= lo * (1 - 1e-4) and dt.max() <= hi * (1 + 1e-4), (dt.min(), dt.max())
+    log_dt = np.log(dt)  # spread over the whole range (log-uniform: about half below the geometric middle)
+    mid = np.sqrt(lo * hi)
+    assert log_dt.max() - log_dt.min() > 0.8 * np.log(hi / lo) and 0.35 < np.mean(dt < mid) < 0.65
     decay = np.exp(-np.exp(np.asarray(params["A_log"])) * dt)
-    assert decay.min() >= np.exp(-16 * 0.1) - 1e-6 and decay.max() < 1
+    assert decay.min() >= np.exp(-16 * hi) - 1e-6 and decay.max() < 1
+
+
+@pytest.mark.parametrize("bad", [[0.0, 1e-2], [1e-2, 1e-3], [1e-3]])
+def test_dt_init_range_rejected(bad):
+    with pytest.raises(Exception, match="gdn_dt_init_range"):
+        tiny(gdn_dt_init_range=bad)
 
 
 @pytest.mark.parametrize("name", VARIANTS)
