@@ -25,7 +25,7 @@ def _sample_without_replacement(rng, n_rows: int, n_choices: int, size: int, log
     return np.argsort(-scores, axis=1, kind="stable")[:, :size]
 
 
-def mqar(num_examples: int, seq_len: int, *, vocab_size: int, num_kv_pairs: int, seed: int = 0,
+def mqar(num_examples: int, seq_len: int, *, vocab_size: int, num_kv_pairs: int, seed: int | list[int] = 0,
          power_a: float = 0.01, random_non_queries: bool = True) -> dict[str, np.ndarray]:
     """An MQAR data set, deterministic in `seed`.
 

@@ -95,6 +95,16 @@ def evaluate(logits_fn, params, data: dict, batch_size: int) -> dict[str, float]
     return {name: total / scored if scored else float("nan") for name, total in totals.items()}
 
 
+def _training_rows(gen, n: int, seq_len: int, mix, seed: int) -> dict[str, np.ndarray]:
+    """`n` training rows; with a pair-count `mix`, split evenly over its entries (the first ones take the remainder),
+    each part from its own stream, concatenated (training draws them in a shuffled order)."""
+    if not mix:
+        return gen(n, seq_len, seed=seed)
+    sizes = [n // len(mix) + (j < n % len(mix)) for j in range(len(mix))]
+    parts = [gen(m, seq_len, num_kv_pairs=p, seed=[seed, j, p]) for j, (m, p) in enumerate(zip(sizes, mix))]
+    return {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
+
+
 def train_mqar(cfg: ModelConfig, *, seq_len: int, lr: float, settings: dict, seed: int = 0, desc: str = "mqar"):
     """Train `cfg` on MQAR at `seq_len` and return {"metrics": {...}, "train_loss": [(step, loss), ...]}.
 
@@ -103,7 +113,7 @@ def train_mqar(cfg: ModelConfig, *, seq_len: int, lr: float, settings: dict, see
     s = settings
     gen = functools.partial(mqar, vocab_size=s["vocab_size"], num_kv_pairs=s["num_kv_pairs"], power_a=s["power_a"],
                             random_non_queries=s["random_non_queries"])
-    train = gen(s["train_examples"], seq_len, seed=seed)
+    train = _training_rows(gen, s["train_examples"], seq_len, s.get("train_kv_pairs"), seed)
     test = gen(s["test_examples"], seq_len, seed=seed + TEST_SEED_OFFSET)
     init, steps_fn, logits_fn = programs(cfg, s["steps"], s["warmup_steps"], s["weight_decay"], s["clip_norm"],
                                          s["lr_schedule"])

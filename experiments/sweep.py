@@ -26,6 +26,9 @@ class MQARSettings:
 
     seq_lens: tuple[int, ...] | int = (64, 128, 256)  # sequence lengths (even)
     num_kv_pairs: int | list[int] | dict[int, int | list[int]] | None = None  # pairs per row; a list: a run each
+    # training rows split evenly over these pair counts (repeat one to weight it), as zoology trains on a mix of
+    # easier and harder rows; the test rows keep the run's num_kv_pairs. None: every training row has the run's count
+    train_kv_pairs: list[int] | None = None
     vocab_size: int = 256  # token vocabulary of the task
     train_examples: int = 20000  # training examples per length
     test_examples: int = 1000  # test examples per length
@@ -314,6 +317,18 @@ def _mqar_settings(s: dict, where: str) -> list[int]:
             _need(4 * p <= t, where, "mqar.num_kv_pairs", f"= {p} needs seq_len >= {4 * p}, got seq_len {t}")
             _need(p < s["vocab_size"] // 2, where, "mqar.vocab_size", f"= {s['vocab_size']} is too small for {p} "
                   f"distinct keys and values")
+    if s["train_kv_pairs"] is not None:
+        mix = s["train_kv_pairs"]
+        _need(isinstance(mix, (list, tuple)) and mix, where, "mqar.train_kv_pairs",
+              f"must be a non-empty list of pair counts, got {mix!r}")
+        s["train_kv_pairs"] = mix = [_positive_int(p, where, "mqar.train_kv_pairs") for p in mix]
+        _need(len(mix) <= s["train_examples"], where, "mqar.train_kv_pairs",
+              f"has {len(mix)} entries for {s['train_examples']} training examples")
+        for p in mix:
+            _need(4 * p <= min(seq_lens), where, "mqar.train_kv_pairs", f"= {p} needs seq_len >= {4 * p}, got "
+                  f"seq_len {min(seq_lens)}")
+            _need(p < s["vocab_size"] // 2, where, "mqar.train_kv_pairs", f"= {p} is too many for vocab_size "
+                  f"{s['vocab_size']}")
     s["seq_lens"] = seq_lens
     return seq_lens
 
@@ -393,7 +408,7 @@ def spec_defaults(task: str | None = None) -> dict:
     for a `task`, its settings' scalar defaults."""
     settings = {"mqar": MQARSettings, "lm": LMSettings}.get(task)
     scalars = {f.name: f.default for f in dataclasses.fields(settings)
-               if isinstance(f.default, (bool, int, float, str))} if settings else {}
+               if isinstance(f.default, (bool, int, float, str, type(None)))} if settings else {}
     return {"model": _jsonable(to_dict(ModelConfig())), "settings": scalars}
 
 

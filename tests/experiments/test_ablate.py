@@ -136,6 +136,12 @@ def test_a_field_added_after_a_run_was_recorded_matches_only_at_its_default():
     assert spec_difference({**run.spec, "settings": settings}, run.spec, spec_defaults("mqar")) is None
     wsd = {**run.spec, "settings": {**run.spec["settings"], "lr_schedule": "wsd"}}
     assert spec_difference({**run.spec, "settings": settings}, wsd, spec_defaults("mqar")) == "settings.lr_schedule"
+    # a field whose default is None (added with train_kv_pairs): a run recorded before it matches at the default
+    no_mix = {k: v for k, v in run.spec["settings"].items() if k != "train_kv_pairs"}
+    assert run.spec["settings"]["train_kv_pairs"] is None
+    assert spec_difference({**run.spec, "settings": no_mix}, run.spec, spec_defaults("mqar")) is None
+    mixed = {**run.spec, "settings": {**run.spec["settings"], "train_kv_pairs": [4, 8]}}
+    assert spec_difference({**run.spec, "settings": no_mix}, mixed, spec_defaults("mqar")) == "settings.train_kv_pairs"
     # how the step compiles (layers scanned or unrolled, remat) does not make a recorded run stale
     unrolled = {**run.spec, "model": {**run.spec["model"], "scan_layers": False, "remat": "full"}}
     assert spec_difference(run.spec, unrolled, spec_defaults()) is None
@@ -174,6 +180,8 @@ def test_several_pair_counts_per_length_are_a_sweep_axis(tmp_path, capsys):
     ({"variants": {"x": {"attn_output_gate": "none"}}}, "variants.x"),
     ({"mqar": {"seq_lens": [32], "num_kv_pairs": 9}}, "mqar.num_kv_pairs"),
     ({"mqar": {"step": 3}}, "mqar.step"),
+    ({"mqar": {"seq_lens": [32], "train_kv_pairs": [2, 9]}}, "mqar.train_kv_pairs"),
+    ({"mqar": {"train_kv_pairs": []}}, "mqar.train_kv_pairs"),
     ({"match_params": "nope"}, "match_params.to"),
     ({"model": {"base": "tiny", "hidden_sise": 8}}, "hidden_sise"),
 ])

@@ -79,3 +79,22 @@ def test_value_in_context_is_the_plateau_diagnostic(batch):
     own_values = [set(batch["tokens"][n, 1:2 * P:2]) for n in range(200)]
     expected = np.mean([o in own_values[n] for n, o in zip(rows, other)])
     assert mqar_scores(logits, batch)["value_in_context"] == pytest.approx(expected)
+
+
+def test_training_rows_mix_pair_counts():
+    """`mqar.train_kv_pairs`: the training rows split evenly over the listed counts (each row scores exactly its own
+    count of queries), each part from its own stream, deterministic in the seed."""
+    import functools
+
+    from experiments.mqar_train import _training_rows
+
+    gen = functools.partial(mqar, vocab_size=V, num_kv_pairs=P)
+    rows = _training_rows(gen, 10, T, [2, 8, 8], seed=5)
+    counts = rows["loss_mask"].sum(1).astype(int).tolist()
+    assert counts == [2] * 4 + [8] * 3 + [8] * 3  # the first entries take the remainder
+    assert not np.array_equal(rows["tokens"][4:7], rows["tokens"][7:10])  # a repeated count is its own stream
+    again = _training_rows(gen, 10, T, [2, 8, 8], seed=5)
+    for k in rows:
+        np.testing.assert_array_equal(rows[k], again[k])
+    np.testing.assert_array_equal(_training_rows(gen, 10, T, None, seed=5)["tokens"],
+                                  mqar(10, T, vocab_size=V, num_kv_pairs=P, seed=5)["tokens"])
