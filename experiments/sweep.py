@@ -26,9 +26,8 @@ class MQARSettings:
 
     seq_lens: tuple[int, ...] | int = (64, 128, 256)  # sequence lengths (even)
     num_kv_pairs: int | list[int] | dict[int, int | list[int]] | None = None  # pairs per row; a list: a run each
-    # training rows split evenly over these pair counts (repeat one to weight it), as zoology trains on a mix of
-    # easier and harder rows; the test rows keep the run's num_kv_pairs. None: every training row has the run's count
-    train_kv_pairs: list[int] | None = None
+    # zoology trains on a mix of easier and harder rows; the test rows keep the run's num_kv_pairs
+    train_kv_pairs: list[int] | None = None  # training rows split evenly over these counts (repeat one to weight it)
     vocab_size: int = 256  # token vocabulary of the task
     train_examples: int = 20000  # training examples per length
     test_examples: int = 1000  # test examples per length

@@ -178,15 +178,19 @@ class Qwen35(nn.Module):
         return self.mtp(emb, h_BTD, segment_ids_BT, positions_BT, cache, cache_index)
 
     def __call__(self, tokens_BT, segment_ids_BT, positions_BT, cache=None, cache_index=None, mtp_tokens_BT=None,
-                 vision=None):
+                 vision=None, lm_head=True):
         h_BTD, stats, cache = self.hidden(tokens_BT, segment_ids_BT, positions_BT, cache, cache_index, vision)
         aux = {"hidden": h_BTD, "router": stats}
         if cache is not None:
             aux["cache"] = cache
         if mtp_tokens_BT is not None and self.cfg.mtp_num_layers:
-            aux["mtp_logits"], _, aux["mtp_router"], _ = self.mtp_logits(h_BTD, mtp_tokens_BT, segment_ids_BT,
-                                                                      positions_BT)
-        return self.logits(h_BTD), aux
+            if lm_head:
+                aux["mtp_logits"], _, aux["mtp_router"], _ = self.mtp_logits(h_BTD, mtp_tokens_BT, segment_ids_BT,
+                                                                          positions_BT)
+            else:
+                aux["mtp_hidden"], aux["mtp_router"], _ = self.mtp_hidden(h_BTD, mtp_tokens_BT, segment_ids_BT,
+                                                                          positions_BT)
+        return (self.logits(h_BTD) if lm_head else h_BTD), aux
 
 
 @functools.lru_cache(maxsize=64)
@@ -196,8 +200,14 @@ def module_for(cfg: ModelConfig, fp8=None) -> Qwen35:
 
 
 @functools.lru_cache(maxsize=64)
-def jitted_apply(cfg: ModelConfig, fp8=None):
-    return jax.jit(module_for(cfg, fp8).apply)
+def jitted_apply(cfg: ModelConfig, fp8=None, lm_head: bool = True):
+    return jax.jit(functools.partial(module_for(cfg, fp8).apply, lm_head=lm_head))
+
+
+def lm_head(cfg: ModelConfig, params, h_BTD, fp8=None):
+    """The LM head as `forward` applies it: final-normed hidden states [..., D] -> fp32 logits [..., V] (the tied
+    embedding or `lm_head`, the compute dtype, FP8 under a recipe that quantizes it)."""
+    return module_for(cfg, fp8).apply({"params": params}, h_BTD, method=Qwen35.logits)
 
 
 def default_inputs(tokens_BT, segment_ids_BT=None, positions_BT=None, start=0):
@@ -261,8 +271,11 @@ def param_axes(cfg: ModelConfig) -> dict:
 
 def forward(cfg: ModelConfig, params, tokens, *, segment_ids=None, positions=None, return_aux=False,
             mtp_tokens=None, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
-            vision=None, fp8=None):
+            vision=None, fp8=None, logits=True):
     """Logits [B, T, V] in fp32 (and, with `return_aux`, {"hidden": [B, T, D], "router": stats or None}).
+
+    With `logits=False` the LM head is not applied: the final-normed hidden states [B, T, D] take the logits' place
+    (and "mtp_hidden" that of "mtp_logits"), for a loss that applies `lm_head` itself (in token chunks).
 
     `segment_ids [B, T]` numbers the documents packed in a row (0 marks padding: it is neither attended to nor fed to
     the recurrent layers); `positions [B, T]` are RoPE positions (default 0..T-1), or [3, B, T] mRoPE rows. With
@@ -281,7 +294,7 @@ def forward(cfg: ModelConfig, params, tokens, *, segment_ids=None, positions=Non
         vision, positions = prepare_vision(cfg, tokens, segment_ids=segment_ids, positions=positions,
                                            pixel_values=pixel_values, image_grid_thw=image_grid_thw,
                                            pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw)
-    apply = jitted_apply(cfg, fp8)  # compiled once per shape, not run op by op (inlined inside an outer jit)
+    apply = jitted_apply(cfg, fp8, logits)  # compiled once per shape, not run op by op (inlined inside an outer jit)
     seg, pos = default_inputs(tokens, segment_ids, positions)
     mtp = None if mtp_tokens is None else jnp.asarray(mtp_tokens, jnp.int32)
     logits, aux = apply({"params": params}, jnp.asarray(tokens, jnp.int32), seg, pos, mtp_tokens_BT=mtp,

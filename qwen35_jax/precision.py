@@ -119,7 +119,7 @@ def quantize_module(module, fp8: Fp8Config | None):
         return module
     import qwix
 
-    return qwix.quantize_model(module, _cached_provider(fp8), methods=("__call__", "mtp_logits"))
+    return qwix.quantize_model(module, _cached_provider(fp8), methods=("__call__", "mtp_logits", "logits"))
 
 
 def quantized_ops(fp8: Fp8Config) -> dict[tuple[str, str], bool]:

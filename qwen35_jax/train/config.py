@@ -62,6 +62,7 @@ class TrainConfig:
     fp8: Fp8Config = dataclasses.field(default_factory=Fp8Config)  # which matmuls precision=fp8 runs in FP8
     optimizer: OptimConfig = dataclasses.field(default_factory=OptimConfig)  # optimizer keys (optimizer.lr=...)
     z_loss: float = 0.0  # coefficient of the logit z-loss; 0: off
+    loss_chunks: int = 1  # the LM heads and losses in this many token slices (remat): fp32 logits of 1/N of the tokens
     router_aux_loss: bool = True  # add the load-balancing loss (model.router_aux_loss_coef), global-batch pooled
     router_z_loss: float = 0.0  # coefficient of the router z-loss (ST-MoE uses 1e-3); 0 turns it off
     mtp_lambda: float = 0.1  # weight of the MTP loss (needs a model with mtp_num_layers: 1); 0 turns MTP off
@@ -126,6 +127,8 @@ def validate(cfg: TrainConfig) -> None:
          f"batch_size={cfg.batch_size} is not divisible by optimizer.grad_accum={cfg.optimizer.grad_accum}")
     need(cfg.optimizer.lr > 0, f"optimizer.lr must be positive, got {cfg.optimizer.lr}")
     need(cfg.z_loss >= 0 and cfg.router_z_loss >= 0, "z_loss and router_z_loss must be >= 0")
+    need(cfg.loss_chunks >= 1 and cfg.seq_len % cfg.loss_chunks == 0,
+         f"loss_chunks={cfg.loss_chunks} must be >= 1 and divide seq_len={cfg.seq_len}")
     check_mesh_keys(cfg.mesh, need)
     need(cfg.seq_len <= cfg.model.max_position_embeddings,
          f"seq_len={cfg.seq_len} exceeds the model's max_position_embeddings={cfg.model.max_position_embeddings}")

@@ -124,7 +124,8 @@ def build_run(tcfg: TrainConfig, devices=None) -> Run:
     train_step = jax.jit(_under_mesh(make_train_step(model_cfg, tcfg, tx, lr_schedule), mesh),
                          in_shardings=(s_shard, batch_shardings), out_shardings=(s_shard, replicated(mesh)),
                          donate_argnums=0)
-    eval_step = jax.jit(_under_mesh(make_eval_step(model_cfg), mesh), in_shardings=(p_shard, batch_shardings))
+    eval_step = jax.jit(_under_mesh(make_eval_step(model_cfg, tcfg.loss_chunks), mesh),
+                        in_shardings=(p_shard, batch_shardings))
     return Run(tcfg, model_cfg, mesh, shapes, p_shard, tx, lr_schedule, state_shapes, s_shard, b_shard, train_step,
                eval_step)
 

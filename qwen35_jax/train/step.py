@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import optax
 
 from qwen35_jax.config import ModelConfig
-from qwen35_jax.model import forward
+from qwen35_jax.model import forward, lm_head
 from qwen35_jax.precision import recipe
 from qwen35_jax.train.config import TrainConfig
-from qwen35_jax.train.losses import cross_entropy_sum, expert_load_imbalance
+from qwen35_jax.train.losses import expert_load_imbalance, head_loss_sums
 
 BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
 
@@ -69,19 +69,23 @@ def loss_and_metrics(model_cfg: ModelConfig, tcfg: TrainConfig, params, batch, n
     global batch, each micro-batch contributes `E * sum_e f_e * probs_e / router_tokens` and the shares sum to the
     pooled loss, gradient included. Without it (one micro-batch) f comes from this batch's own counts.
     """
-    use_mtp = _uses_mtp(model_cfg, tcfg)
-    logits, aux = forward(model_cfg, params, batch["tokens"], segment_ids=batch["segment_ids"],
-                          return_aux=True, **model_inputs(batch),
-                          mtp_tokens=batch["targets"] if use_mtp else None, fp8=recipe(tcfg))
-    ce_sum, z_sum = cross_entropy_sum(logits, batch["targets"], batch["loss_mask"])
+    use_mtp, fp8 = _uses_mtp(model_cfg, tcfg), recipe(tcfg)
+    h_BTD, aux = forward(model_cfg, params, batch["tokens"], segment_ids=batch["segment_ids"],
+                         return_aux=True, **model_inputs(batch),
+                         mtp_tokens=batch["targets"] if use_mtp else None, fp8=fp8, logits=False)
+
+    def head(x_BTD):
+        return lm_head(model_cfg, params, x_BTD, fp8)
+
+    ce_sum, z_sum = head_loss_sums(head, h_BTD, batch["targets"], batch["loss_mask"], tcfg.loss_chunks)
     total = ce_sum / norms["tokens"]
     metrics = {"ce_sum": ce_sum}
     if use_mtp:  # position t predicts token t+2 (= targets[t+1]) inside the same document
         mtp_targets, mtp_mask = mtp_targets_and_mask(batch)
-        mtp_sum, _ = cross_entropy_sum(aux["mtp_logits"], mtp_targets, mtp_mask)
+        mtp_sum, _, correct = head_loss_sums(head, aux["mtp_hidden"], mtp_targets, mtp_mask, tcfg.loss_chunks,
+                                             count_correct=True)
         total = total + tcfg.mtp_lambda * mtp_sum / norms["mtp_tokens"]
-        correct = jnp.argmax(aux["mtp_logits"], -1) == mtp_targets
-        metrics.update(mtp_loss_sum=mtp_sum, mtp_correct=jnp.sum(correct * mtp_mask))
+        metrics.update(mtp_loss_sum=mtp_sum, mtp_correct=correct)
     if tcfg.z_loss:
         total = total + tcfg.z_loss * z_sum / norms["tokens"]
         metrics["z_loss_sum"] = z_sum
@@ -106,7 +110,8 @@ def pooled_router_f(model_cfg: ModelConfig, tcfg: TrainConfig, params, micro, no
 
     def body(counts_E, mb):
         _, aux = forward(model_cfg, params, mb["tokens"], segment_ids=mb["segment_ids"], return_aux=True,
-                         mtp_tokens=mb["targets"] if use_mtp else None, fp8=recipe(tcfg), **model_inputs(mb))
+                         mtp_tokens=mb["targets"] if use_mtp else None, fp8=recipe(tcfg), logits=False,
+                         **model_inputs(mb))
         return counts_E + jnp.sum(_router_stats(aux)["counts"], axis=0), None
 
     counts_E, _ = jax.lax.scan(body, jnp.zeros((model_cfg.num_experts,), jnp.float32), micro)
@@ -189,10 +194,12 @@ def mtp_targets_and_mask(batch):
     return targets, batch["loss_mask"] * next_mask * same_doc
 
 
-def make_eval_step(model_cfg: ModelConfig):
+def make_eval_step(model_cfg: ModelConfig, loss_chunks: int = 1):
     def eval_step(params, batch):
-        logits = forward(model_cfg, params, batch["tokens"], segment_ids=batch["segment_ids"], **model_inputs(batch))
-        ce_sum, _ = cross_entropy_sum(logits, batch["targets"], batch["loss_mask"])
+        h_BTD = forward(model_cfg, params, batch["tokens"], segment_ids=batch["segment_ids"], logits=False,
+                        **model_inputs(batch))
+        ce_sum, _ = head_loss_sums(lambda x: lm_head(model_cfg, params, x), h_BTD, batch["targets"],
+                                   batch["loss_mask"], loss_chunks)
         return ce_sum, jnp.sum(batch["loss_mask"].astype(jnp.float32))
 
     return eval_step
