@@ -178,19 +178,18 @@ class Qwen35(nn.Module):
         return self.mtp(emb, h_BTD, segment_ids_BT, positions_BT, cache, cache_index)
 
     def __call__(self, tokens_BT, segment_ids_BT, positions_BT, cache=None, cache_index=None, mtp_tokens_BT=None,
-                 vision=None, lm_head=True):
+                 vision=None, logits=True):
         h_BTD, stats, cache = self.hidden(tokens_BT, segment_ids_BT, positions_BT, cache, cache_index, vision)
         aux = {"hidden": h_BTD, "router": stats}
         if cache is not None:
             aux["cache"] = cache
         if mtp_tokens_BT is not None and self.cfg.mtp_num_layers:
-            if lm_head:
-                aux["mtp_logits"], _, aux["mtp_router"], _ = self.mtp_logits(h_BTD, mtp_tokens_BT, segment_ids_BT,
-                                                                          positions_BT)
+            u_BTD, aux["mtp_router"], _ = self.mtp_hidden(h_BTD, mtp_tokens_BT, segment_ids_BT, positions_BT)
+            if logits:
+                aux["mtp_logits"] = self.logits(u_BTD)
             else:
-                aux["mtp_hidden"], aux["mtp_router"], _ = self.mtp_hidden(h_BTD, mtp_tokens_BT, segment_ids_BT,
-                                                                          positions_BT)
-        return (self.logits(h_BTD) if lm_head else h_BTD), aux
+                aux["mtp_hidden"] = u_BTD
+        return (self.logits(h_BTD) if logits else h_BTD), aux
 
 
 @functools.lru_cache(maxsize=64)
@@ -200,8 +199,8 @@ def module_for(cfg: ModelConfig, fp8=None) -> Qwen35:
 
 
 @functools.lru_cache(maxsize=64)
-def jitted_apply(cfg: ModelConfig, fp8=None, lm_head: bool = True):
-    return jax.jit(functools.partial(module_for(cfg, fp8).apply, lm_head=lm_head))
+def jitted_apply(cfg: ModelConfig, fp8=None, logits: bool = True):
+    return jax.jit(functools.partial(module_for(cfg, fp8).apply, logits=logits))
 
 
 def lm_head(cfg: ModelConfig, params, h_BTD, fp8=None):
@@ -297,9 +296,8 @@ def forward(cfg: ModelConfig, params, tokens, *, segment_ids=None, positions=Non
     apply = jitted_apply(cfg, fp8, logits)  # compiled once per shape, not run op by op (inlined inside an outer jit)
     seg, pos = default_inputs(tokens, segment_ids, positions)
     mtp = None if mtp_tokens is None else jnp.asarray(mtp_tokens, jnp.int32)
-    logits, aux = apply({"params": params}, jnp.asarray(tokens, jnp.int32), seg, pos, mtp_tokens_BT=mtp,
-                        vision=vision)
-    return (logits, aux) if return_aux else logits
+    out, aux = apply({"params": params}, jnp.asarray(tokens, jnp.int32), seg, pos, mtp_tokens_BT=mtp, vision=vision)
+    return (out, aux) if return_aux else out
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
