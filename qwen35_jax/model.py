@@ -81,7 +81,11 @@ class Group(nn.Module):
     def __call__(self, h_BTD, segment_ids_BT, positions_BT, cache=None, cache_index=None):
         block_cls = Block
         if self.cfg.remat != "none":
-            block_cls = nn.remat(Block, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
+            # A scan iteration holding one block keeps XLA from merging its recomputation with the forward; with
+            # several blocks per iteration (or the layers unrolled) only prevent_cse does, else remat is undone
+            # (tiny-64k-v5e: 2.94 GiB of temporaries with it off, benchmarks/README.md).
+            alone = len(self.kinds) == 1 and self.cfg.scan_layers
+            block_cls = nn.remat(Block, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not alone)
         stats, new_cache = [], {}
         for j, (mixer, ffn) in enumerate(self.kinds):
             name = f"block_{j}"
