@@ -82,9 +82,10 @@ class Group(nn.Module):
         block_cls = Block
         if self.cfg.remat != "none":
             # A scan iteration holding one block keeps XLA from merging its recomputation with the forward; with
-            # several blocks per iteration (or the layers unrolled) only prevent_cse does, else remat is undone
-            # (tiny-64k-v5e: 2.94 GiB of temporaries with it off, benchmarks/README.md).
-            alone = len(self.kinds) == 1 and self.cfg.scan_layers
+            # several blocks per iteration, the layers unrolled, or a one-iteration scan (which XLA inlines) only
+            # prevent_cse does, else remat is undone (tiny-64k-v5e, one 64k row: 3.11 GiB of temporaries with it
+            # off, 1.02 with it on; benchmarks/README.md).
+            alone = len(self.kinds) == 1 and self.cfg.scan_layers and len(self.cfg.layer_kinds) > 1
             block_cls = nn.remat(Block, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not alone)
         stats, new_cache = [], {}
         for j, (mixer, ffn) in enumerate(self.kinds):
