@@ -93,6 +93,8 @@ class ModelConfig:
     router_aux_loss_coef: float = 0.001  # weight of the load-balancing loss
     moe_impl: Literal["auto", "xla", "pallas", "reference"] = "auto"  # grouped-matmul kernel; auto: pallas on TPU
     capacity_factor: float = 0.0  # expert capacity in units of the balanced load; 0: dropless
+    # the routed experts on N strided token slices in turn, each rematerialised; a capacity factor applies per slice
+    moe_token_chunks: int = 1  # routed experts on N token slices in turn: 1/N of the dispatch rows live at a time
     # Norms, embeddings, positions.
     rms_norm_eps: float = 1e-6  # RMSNorm epsilon
     tie_word_embeddings: bool = True  # the LM head is the transposed embedding
@@ -107,6 +109,8 @@ class ModelConfig:
     dtype: DTYPE_NAMES = "float32"  # compute dtype
     scan_layers: bool = True  # scan over layer groups (compile time flat in depth) instead of unrolling
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"  # activation rematerialisation per layer
+    # the remat unit: sublayer remats norm + mixer and norm + FFN apart (their working sets never live together)
+    remat_scope: Literal["block", "sublayer"] = "block"  # remat unit: a whole block, or each sublayer apart
     # Token ids (for generation and data).
     bos_token_id: int | None = None  # beginning-of-sequence id, if any
     eos_token_id: int | None = None  # end-of-sequence id, if any
@@ -249,6 +253,7 @@ def validate(cfg: ModelConfig) -> None:
              f"{rs.original_max_position_embeddings}")
     need(cfg.mtp_num_layers in (0, 1), f"mtp_num_layers={cfg.mtp_num_layers}: the released design has 0 or 1")
     need(cfg.capacity_factor >= 0, f"capacity_factor must be >= 0, got {cfg.capacity_factor}")
+    need(cfg.moe_token_chunks >= 1, f"moe_token_chunks must be >= 1, got {cfg.moe_token_chunks}")
 
 
 def check_choices(cfg, need) -> None:

@@ -43,32 +43,64 @@ def empty_stats(cfg: ModelConfig):
     return {"counts": jnp.zeros((E,), jnp.float32), "probs": jnp.zeros((E,), jnp.float32), "tokens": z, "z_sq": z}
 
 
+def remat_kwargs(cfg, prevent_cse: bool = True) -> dict:
+    return {"policy": REMAT_POLICIES[cfg.remat], "prevent_cse": prevent_cse}
+
+
 class Block(nn.Module):
-    """Pre-norm residual block: `h += mixer(norm(h)); h += ffn(norm(h))`."""
+    """Pre-norm residual block: `h += mixer(norm(h)); h += ffn(norm(h))`. With `remat_sublayers` each of the two is
+    its own remat unit (`remat_scope: sublayer`); parameter names are the same either way."""
 
     cfg: ModelConfig
     mixer: str
     ffn: str
+    remat_sublayers: bool = False
 
     @nn.compact
     def __call__(self, h_BTD, segment_ids_BT, positions_BT, cache=None, cache_index=None):
         cfg = self.cfg
-        dtype, param_dtype = dtypes(cfg)
-        norm = lambda name: RMSNorm(cfg.rms_norm_eps, param_dtype, name=name)  # noqa: E731
-        kwargs = {} if cache is None else {"cache": cache, "cache_index": cache_index}
-        mixed = MIXERS[self.mixer](cfg, name="mixer")(
-            norm("input_norm")(h_BTD), segment_ids_BT=segment_ids_BT, positions_BT=positions_BT, **kwargs)
-        if cache is not None:
-            mixed, cache = mixed
+        mix, ffn = Block._mix, Block._ffn
+        if self.remat_sublayers:
+            # several units per scan iteration: prevent_cse, else XLA:TPU merges the recomputation with the forward
+            mix, ffn = (nn.remat(f, static_argnums=(1,), **remat_kwargs(cfg)) for f in (mix, ffn))
+        mixed, cache = mix(self, self.mixer, h_BTD, segment_ids_BT, positions_BT, cache, cache_index)
         h_BTD = h_BTD + mixed.astype(h_BTD.dtype)
-        x_BTD = norm("post_norm")(h_BTD)
-        if self.ffn == "moe":
-            y_BTD, stats = MoE(cfg, name="ffn")(x_BTD, token_mask_BT=segment_ids_BT != 0)
-        else:
-            y_BTD = SwiGLU(cfg.hidden_size, cfg.intermediate_size, dtype, param_dtype, cfg.initializer_range,
-                           name="ffn")(x_BTD)
-            stats = None
+        y_BTD, stats = ffn(self, self.ffn, h_BTD, segment_ids_BT)
         return constrain(h_BTD + y_BTD.astype(h_BTD.dtype), ("batch", "seq", "embed")), (stats, cache)
+
+    @staticmethod
+    def _norm(cfg, name):
+        return RMSNorm(cfg.rms_norm_eps, dtypes(cfg)[1], name=name)
+
+    @staticmethod
+    def _mix(block, mixer, h_BTD, segment_ids_BT, positions_BT, cache, cache_index):
+        """(mixer(norm(h)), the new cache or None)."""
+        cfg = block.cfg
+        kwargs = {} if cache is None else {"cache": cache, "cache_index": cache_index}
+        mixed = MIXERS[mixer](cfg, name="mixer")(
+            Block._norm(cfg, "input_norm")(h_BTD), segment_ids_BT=segment_ids_BT, positions_BT=positions_BT, **kwargs)
+        return mixed if cache is not None else (mixed, None)
+
+    @staticmethod
+    def _ffn(block, ffn, h_BTD, segment_ids_BT):
+        """(ffn(norm(h)), router stats or None)."""
+        cfg = block.cfg
+        dtype, param_dtype = dtypes(cfg)
+        x_BTD = Block._norm(cfg, "post_norm")(h_BTD)
+        if ffn == "moe":
+            return MoE(cfg, name="ffn")(x_BTD, token_mask_BT=segment_ids_BT != 0)
+        return SwiGLU(cfg.hidden_size, cfg.intermediate_size, dtype, param_dtype, cfg.initializer_range,
+                      name="ffn")(x_BTD), None
+
+
+def remat_block(cfg, alone_in_scan: bool = False):
+    """The block class under the config's remat: Block itself, Block rematerialised whole, or Block with each sublayer
+    its own remat unit (`remat_scope: sublayer`)."""
+    if cfg.remat == "none":
+        return Block
+    if cfg.remat_scope == "sublayer":
+        return functools.partial(Block, remat_sublayers=True)
+    return nn.remat(Block, **remat_kwargs(cfg, prevent_cse=not alone_in_scan))
 
 
 class Group(nn.Module):
@@ -79,18 +111,17 @@ class Group(nn.Module):
 
     @nn.compact
     def __call__(self, h_BTD, segment_ids_BT, positions_BT, cache=None, cache_index=None):
-        block_cls = Block
-        if self.cfg.remat != "none":
-            # A scan iteration holding one block keeps XLA from merging its recomputation with the forward; with
-            # several blocks per iteration, the layers unrolled, or a one-iteration scan (which XLA inlines) only
-            # prevent_cse does, else remat is undone (tiny-64k-v5e, one 64k row: 3.11 GiB of temporaries with it
-            # off, 1.02 with it on; benchmarks/README.md).
-            alone = len(self.kinds) == 1 and self.cfg.scan_layers and len(self.cfg.layer_kinds) > 1
-            block_cls = nn.remat(Block, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not alone)
+        cfg = self.cfg
+        # A scan iteration holding one block keeps XLA from merging its recomputation with the forward; with several
+        # blocks per iteration, the layers unrolled, or a one-iteration scan (which XLA inlines) only prevent_cse
+        # does, else remat is undone (tiny-64k-v5e, one 64k row: 3.11 GiB of temporaries with it off, 1.02 with it
+        # on; benchmarks/README.md).
+        alone = len(self.kinds) == 1 and cfg.scan_layers and len(cfg.layer_kinds) > 1
+        block_cls = remat_block(cfg, alone_in_scan=alone)
         stats, new_cache = [], {}
         for j, (mixer, ffn) in enumerate(self.kinds):
             name = f"block_{j}"
-            h_BTD, (s, c) = block_cls(self.cfg, mixer, ffn, name=name)(
+            h_BTD, (s, c) = block_cls(cfg, mixer, ffn, name=name)(
                 h_BTD, segment_ids_BT, positions_BT, None if cache is None else cache[name], cache_index)
             if s is not None:
                 stats.append(s)
@@ -113,7 +144,7 @@ class MTP(nn.Module):
         x = jnp.concatenate([norm("pre_fc_norm_embedding")(emb_next_BTD), norm("pre_fc_norm_hidden")(h_BTD)], -1)
         u = dense(cfg.hidden_size, (None, "embed"), dtype=dtype, param_dtype=param_dtype, std=cfg.initializer_range,
                   name="fc")(x).astype(h_BTD.dtype)
-        u, (stats, cache) = Block(cfg, "attn", "moe" if cfg.is_moe else "mlp", name="layers_0")(
+        u, (stats, cache) = remat_block(cfg)(cfg, "attn", "moe" if cfg.is_moe else "mlp", name="layers_0")(
             u, segment_ids_BT, positions_BT, cache, cache_index)
         return norm("norm")(u), stats, cache
 

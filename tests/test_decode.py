@@ -32,8 +32,9 @@ def test_token_by_token_decode_matches_full_forward(pattern, prompt_len):
         np.testing.assert_allclose(logits[:, 0], full[:, t], rtol=1e-4, atol=1e-4 * np.abs(full).max())
 
 
-def test_multi_token_continuation_on_cache():
-    cfg = cfg_for("GGGA")
+@pytest.mark.parametrize("remat", [{}, {"remat": "full", "remat_scope": "sublayer"}], ids=["plain", "remat-sublayer"])
+def test_multi_token_continuation_on_cache(remat):
+    cfg = cfg_for("GGGA").replace(**remat)  # a training config's remat leaves decoding as it is
     params = init_params(cfg, jax.random.key(1))
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 60))
     full = np.asarray(forward(cfg, params, tokens))

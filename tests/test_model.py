@@ -65,6 +65,28 @@ def test_scan_and_unrolled_stacks_agree():
     assert params["layers"]["block_0"]["input_norm"]["scale"].shape == (2, cfg.hidden_size)
 
 
+def test_remat_scopes_give_the_same_loss_gradients_and_parameter_names():
+    """`remat: full` per block or per sublayer (norm + mixer, norm + FFN) recomputes, it never changes a number."""
+    cfg = small_cfg(num_layers=4)
+    params = init_params(cfg, jax.random.key(5))
+    tokens = np.random.default_rng(5).integers(0, cfg.vocab_size, (2, 12))
+
+    def loss_and_grads(c):
+        def loss(p):
+            logits = forward(c, p, tokens)
+            return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tokens[..., None], -1)[..., 0])
+        return jax.value_and_grad(loss)(params)
+
+    ref_loss, ref_grads = loss_and_grads(cfg)
+    for scope in ("block", "sublayer"):
+        c = cfg.replace(remat="full", remat_scope=scope)
+        assert jax.tree.structure(init_params(c, jax.random.key(5))) == jax.tree.structure(params), scope
+        value, grads = loss_and_grads(c)
+        np.testing.assert_allclose(value, ref_loss, rtol=1e-6)
+        for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
+            np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-7, err_msg=f"{scope} {jax.tree_util.keystr(path)}")
+
+
 def test_layer_period():
     assert layer_period([("gdn", "moe")] * 3 + [("attn", "moe")]) == 4
     kinds = [("gdn", "moe"), ("gdn", "mlp"), ("gdn", "moe"), ("attn", "moe")] * 2

@@ -89,6 +89,27 @@ def dispatch_combine(x_ND, weights_NK, experts_NK, w_gate_up_EDF2, w_down_EFD, *
     return jnp.zeros((N, D), y_sorted.dtype).at[token_of_row].add(y_sorted)
 
 
+def in_token_chunks(fn, chunks: int):
+    """`fn(x_ND, weights_NK, experts_NK, *weights) -> y_ND` on `chunks` token slices in turn (a `lax.map` whose body
+    is rematerialised, so forward and backward hold one slice's dispatch rows). Slice i takes tokens i, i + chunks,
+    ...: strided, so that under a mesh splitting the tokens every slice keeps every shard's share. Tokens are padded
+    to a multiple of `chunks` with zero-weight rows."""
+    if chunks <= 1:
+        return fn
+
+    def chunked(x_ND, weights_NK, experts_NK, *expert_weights):
+        N = x_ND.shape[0]
+        pad = -N % chunks
+        if pad:
+            x_ND, weights_NK, experts_NK = (jnp.pad(a, ((0, pad), (0, 0))) for a in (x_ND, weights_NK, experts_NK))
+        slices = lambda a: jnp.swapaxes(a.reshape(-1, chunks, a.shape[-1]), 0, 1)  # noqa: E731 [chunks, N/c, ...]
+        body = jax.checkpoint(lambda a: fn(*a, *expert_weights), prevent_cse=False)  # lax.map is a scan
+        y_CND = jax.lax.map(body, (slices(x_ND), slices(weights_NK), slices(experts_NK)))
+        return jnp.swapaxes(y_CND, 0, 1).reshape(-1, y_CND.shape[-1])[:N]
+
+    return chunked
+
+
 def grouped_swiglu(x_MD, group_sizes_G, w_gate_up_GDF2, w_down_GFD, *, impl="auto", fp8=None):
     """SwiGLU experts on rows sorted by group: [M, D] -> [M, D]; rows past sum(group_sizes) give zeros.
     fp8: keyword arguments of `gmm_fp8` (precision.py's recipe) to run both grouped matmuls in FP8, or None."""
@@ -145,22 +166,23 @@ class MoE(nn.Module):
         w_down = param(self, "down_proj", init, (E, F, D), param_dtype, ("expert", "mlp", "embed"))
         w_gate_up, w_down = w_gate_up.astype(dtype), w_down.astype(dtype)
         fp8 = gmm_fp8_args()
+        args = (x_ND, weights_NK.astype(dtype), experts_NK, w_gate_up, w_down)
+        # a decode or verify step's few tokens are never sliced
+        chunks = 1 if B * T * cfg.experts_per_token <= GATHER_MAX_ROWS else cfg.moe_token_chunks
         if expert_parallel_size(E) > 1:
-            y_ND = shard_experts(expert_parallel_dispatch(cfg, fp8), x_ND, weights_NK.astype(dtype), experts_NK,
-                                 w_gate_up, w_down)
+            y_ND = in_token_chunks(functools.partial(shard_experts, expert_parallel_dispatch(cfg, fp8)), chunks)(*args)
         else:
             def local(x, w, e, wgu, wd):
                 return dispatch_combine(x, w, e, wgu, wd, impl=cfg.moe_impl, capacity_factor=cfg.capacity_factor,
                                         fp8=fp8)
 
-            args = (x_ND, weights_NK.astype(dtype), experts_NK, w_gate_up, w_down)
             if resolve_impl(cfg.moe_impl) == "pallas":
                 # Mosaic kernels cannot be partitioned by XLA: run per token shard, expert weights gathered
                 tokens, weights = ("tokens", None), (None, None, None)
-                (y_ND,) = shard_kernel(lambda *a: (local(*a),), args, (tokens, tokens, tokens, weights, weights),
-                                       (tokens,))
+                y_ND = shard_kernel(lambda *a: (in_token_chunks(local, chunks)(*a),), args,
+                                    (tokens, tokens, tokens, weights, weights), (tokens,))[0]
             else:
-                y_ND = local(*args)
+                y_ND = in_token_chunks(local, chunks)(*args)
         if cfg.shared_expert_intermediate_size:
             shared = SwiGLU(D, cfg.shared_expert_intermediate_size, dtype, param_dtype, cfg.initializer_range,
                             name="shared_expert")(x_ND)

@@ -109,11 +109,13 @@ def report(tcfg, topology: str) -> dict:
     devices = topology_devices(topology)
     model_cfg, mesh, compiled, compile_s, params_b, opt_b = compile_train_step(tcfg, devices)
     hbm = hbm_bytes(topology)
+    run = {"config": model_cfg.name, "topology": topology, "devices": len(devices), "mesh": dict(mesh.shape),
+           "remat": model_cfg.remat, "remat_scope": model_cfg.remat_scope,
+           "moe_token_chunks": model_cfg.moe_token_chunks, "loss_chunks": tcfg.loss_chunks,
+           "batch_size": tcfg.batch_size, "seq_len": tcfg.seq_len, "grad_accum": tcfg.optimizer.grad_accum,
+           "compile_s": round(compile_s, 2)}
     if isinstance(compiled, OutOfMemory):
-        return {"config": model_cfg.name, "topology": topology, "devices": len(devices), "mesh": dict(mesh.shape),
-                "remat": model_cfg.remat, "batch_size": tcfg.batch_size, "seq_len": tcfg.seq_len,
-                "grad_accum": tcfg.optimizer.grad_accum, "compile_s": round(compile_s, 2),
-                "per_device_bytes": params_b + opt_b + compiled.temp_bytes, "hbm_bytes_per_device": hbm,
+        return {**run, "per_device_bytes": params_b + opt_b + compiled.temp_bytes, "hbm_bytes_per_device": hbm,
                 "fits": False, "params_bytes": params_b, "optimizer_state_bytes": opt_b,
                 "argument_bytes": params_b + opt_b, "temp_bytes": compiled.temp_bytes, "output_bytes": 0,
                 "alias_bytes": 0, "xla_error": compiled.message}
@@ -125,9 +127,7 @@ def report(tcfg, topology: str) -> dict:
     total = args_b + temp_b + out_b - alias_b + int(getattr(mem, "generated_code_size_in_bytes", 0))
     tokens = tcfg.batch_size * tcfg.seq_len
     return {
-        "config": model_cfg.name, "topology": topology, "devices": len(devices), "mesh": dict(mesh.shape),
-        "remat": model_cfg.remat, "batch_size": tcfg.batch_size, "seq_len": tcfg.seq_len,
-        "grad_accum": tcfg.optimizer.grad_accum, "compile_s": round(compile_s, 2), "per_device_bytes": total, "hbm_bytes_per_device": hbm,
+        **run, "per_device_bytes": total, "hbm_bytes_per_device": hbm,
         "fits": total <= hbm, "params_bytes": params_b, "optimizer_state_bytes": opt_b,
         "argument_bytes": args_b, "temp_bytes": temp_b, "output_bytes": out_b, "alias_bytes": alias_b,
         "xla_estimate_flops_per_device": float(cost.get("flops", 0.0)),
@@ -152,7 +152,7 @@ def aot_main(argv) -> int:
     if args.json:
         print(json.dumps(r))
         return 0
-    print(f"{r['config']} on {r['topology']} ({r['devices']} chips), mesh {r['mesh']}, remat={r['remat']}, "
+    print(f"{r['config']} on {r['topology']} ({r['devices']} chips), mesh {r['mesh']}, remat={r['remat']} ({r['remat_scope']}), "
           f"batch {r['batch_size']} x {r['seq_len']}, compiled in {r['compile_s']} s")
     rows = [("parameters", r["params_bytes"]), ("optimizer state", r["optimizer_state_bytes"]),
             ("arguments (params + state + batch)", r["argument_bytes"]),

@@ -77,6 +77,55 @@ def test_moe_layer_matches_transformers_sparse_block(B, T):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Token slices (moe_token_chunks)
+
+
+@pytest.mark.parametrize("chunks", [2, 3], ids=["even", "padded"])
+def test_token_chunks_change_memory_not_numbers(chunks):
+    """The routed experts on strided token slices in turn give the same output and gradients as one dispatch (26
+    tokens: 3 slices need one zero-weight padding row)."""
+    B, T = 2, 13
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(B, T, 32)), jnp.float32)
+    mask = jnp.asarray(rng.random((B, T)) > 0.2)
+    cot = jnp.asarray(rng.normal(size=(B, T, 32)), jnp.float32)
+    params = random_params(MoE(toy_config()), x, mask)
+
+    def step(cfg):
+        def loss(p, x):
+            y, st = MoE(cfg).apply({"params": p}, x, token_mask_BT=mask)
+            return jnp.sum(y * cot) + jnp.sum(st["counts"] * st["probs"]), y
+        (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+        return y, grads
+
+    (y0, g0), (y, g) = step(toy_config()), step(toy_config(moe_token_chunks=chunks))
+    jaxpr = str(jax.make_jaxpr(lambda x: MoE(toy_config(moe_token_chunks=chunks)).apply(
+        {"params": params}, x, token_mask_BT=mask))(x))
+    assert f"length={chunks}" in jaxpr, "the slices did not run"
+    assert max_rel_err(y, y0) <= 1e-6
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(g0)):
+        assert max_rel_err(a, b) <= 1e-5, jax.tree_util.keystr(path)
+
+
+def test_token_chunks_apply_the_capacity_per_slice():
+    """With a capacity factor each strided slice is its own dispatch group: the oracle runs the capped layer on
+    tokens 0, 2, 4, ... and 1, 3, 5, ... separately (more than GATHER_MAX_ROWS assignments: a decode step's few
+    tokens are never sliced)."""
+    B, T, D = 2, 12, 32
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(B, T, D)), jnp.float32)
+    capped = MoE(toy_config(capacity_factor=0.5))
+    params = random_params(capped, x, jnp.ones((B, T), bool))
+    apply = lambda m, xb: m.apply({"params": params}, xb, token_mask_BT=jnp.ones(xb.shape[:2], bool))[0]  # noqa
+    flat = x.reshape(B * T, D)
+    oracle = np.zeros((B * T, D), np.float32)
+    for i in range(2):
+        oracle[i::2] = np.asarray(apply(capped, flat[i::2][None]))[0]
+    y = apply(MoE(toy_config(capacity_factor=0.5, moe_token_chunks=2)), x)
+    assert max_rel_err(y, oracle.reshape(B, T, D)) <= 1e-5
+    assert max_rel_err(apply(capped, x), oracle.reshape(B, T, D)) > 1e-2, "the slices should drop other rows"
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Load-balancing and z-loss by hand
 
 
@@ -123,6 +172,7 @@ def test_load_balancing_and_z_loss_equal_the_formulas_by_hand():
 # Expert parallelism on 8 fake CPU devices
 
 MESHES = [{"expert": 8}, {"data": 2, "expert": 4}, {"fsdp": 2, "expert": 4}]
+CHUNKED_MESH = {"fsdp": 2, "expert": 4}  # also run with moe_token_chunks=3 (strided slices of every token shard)
 CAPACITY_MESH = {"data": 2, "tensor": 2, "expert": 2}  # tokens split 4 ways, replicated over tensor
 
 
@@ -150,8 +200,9 @@ def ep_report(meshes, capacity_mesh) -> dict:
     step = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
     ref = jax.jit(step)(params, x)
     report = {}
-    for shape in meshes:
+    for shape, chunks in [(m, 1) for m in meshes] + [(CHUNKED_MESH, 3)]:
         mesh = make_mesh(shape)
+        mod = MoE(toy_config(moe_token_chunks=chunks))
         with use_mesh(mesh):
             ps = jax.device_put(params, param_shardings(declared, mesh))
             xs = jax.device_put(x, batch_sharding(mesh, 3, batch_size=B))
@@ -160,7 +211,7 @@ def ep_report(meshes, capacity_mesh) -> dict:
             got = fn(ps, xs)
         (_, (y, st)), grads = got
         (_, (y0, st0)), grads0 = ref
-        report[json.dumps(shape)] = {
+        report[json.dumps(shape) + ("" if chunks == 1 else f" chunks {chunks}")] = {
             "all_to_all": "all_to_all" in hlo, "y": max_rel_err(y, y0),
             "stats": max(max_rel_err(st[n], st0[n]) for n in st0),
             "grads": {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): max_rel_err(g, g0)
@@ -177,7 +228,7 @@ def ep_report(meshes, capacity_mesh) -> dict:
     with use_mesh(mesh):
         ps = jax.device_put(params, param_shardings(declared, mesh))
         y = jax.jit(apply)(ps, jax.device_put(x, batch_sharding(mesh, 3, batch_size=B)))
-    dropless = np.asarray(mod.apply({"params": params}, x, token_mask_BT=mask)[0])
+    dropless = np.asarray(MoE(cfg).apply({"params": params}, x, token_mask_BT=mask)[0])
     report["capacity"] = {"shards": shards, "y": max_rel_err(y, oracle), "dropped": max_rel_err(oracle, dropless)}
     return report
 
@@ -193,9 +244,11 @@ def ep_results():
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("mesh", MESHES, ids=lambda m: "x".join(f"{k}{v}" for k, v in m.items()))
+@pytest.mark.parametrize("mesh", [json.dumps(m) for m in MESHES] + [json.dumps(CHUNKED_MESH) + " chunks 3"],
+                         ids=lambda m: "x".join(f"{k}{v}" for k, v in json.loads(m.split(" chunks")[0]).items())
+                         + (" chunks" in m) * "-chunked")
 def test_expert_parallel_output_and_gradients_equal_single_device(ep_results, mesh):
-    r = ep_results[json.dumps(mesh)]
+    r = ep_results[mesh]
     assert r["all_to_all"], "the expert-parallel path did not run"
     assert r["y"] <= 1e-5 and r["stats"] <= 1e-5
     assert set(r["grads"]) >= {"0/gate", "0/gate_up_proj", "0/down_proj", "0/shared_expert_gate", "1"}
