@@ -18,6 +18,9 @@ decoding on a trained run (acceptance rate and speed-up over plain greedy decodi
     checkpoint selection, MTP head, next drafts). All in units of one plain step, interleaved medians.
 (d) `--bandwidth`: the same verify cost on a model whose fp32 weights (a few hundred MB) do not fit in the caches,
     so that one decode step is dominated by reading the weights, as real models are on TPU/GPU.
+(e) The verify and MTP pieces inside one compiled loop (32 calls per dispatch, so host dispatch is amortised as it is in
+    generation): the main model's forward over 1, 2 and 4 tokens (checkpointed for 2 and 4) and the MTP head over
+    1, 2 and 4 tokens with and without its LM head, in units of the one-token forward.
 
     JAX_PLATFORMS=cpu .venv/bin/python benchmarks/decode.py --out decode.json
 """
@@ -171,6 +174,52 @@ def spec_cost_table(cfg, params, ks, repeats: int) -> list[dict]:
     return rows
 
 
+def in_loop_cost_table(cfg, params, repeats: int, calls: int = 32) -> list[dict]:
+    """(e): per piece, the median over `repeats` of a compiled `calls`-iteration loop of it, per call."""
+    from benchmarks.common import interleaved
+    from qwen35_jax.model import checkpoint_cache, forward_cached, init_mtp_cache, mtp_forward_cached
+
+    P = 64
+    prompt = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, P)), jnp.int32)
+    cache = init_cache(cfg, 1, P + 16)
+    _, hidden, cache = jax.jit(lambda p, t, c: forward_cached(cfg, p, t, c))(params, prompt, cache)
+
+    def looped(body, init, *args):  # each call feeds the next (no loop-invariant code motion)
+        f = jax.jit(lambda *a: jax.lax.fori_loop(0, calls, lambda i, c: body(c, *a), init))
+        return lambda: f(*args)
+
+    def main(T):
+        def body(t, p, c):
+            c = checkpoint_cache(c) if T > 1 else c
+            return jnp.argmax(forward_cached(cfg, p, t, c)[0], -1).astype(jnp.int32)
+        return looped(body, prompt[:, :T], params, cache)
+
+    fns = {f"main model, {T} token(s)": main(T) for T in (1, 2, 4)}
+    if cfg.mtp_num_layers:
+        mcache = init_mtp_cache(cfg, 1, P + 16)
+        _, _, mcache = jax.jit(lambda p, h, t, c: mtp_forward_cached(cfg, p, h, t, c, logits_at="last"))(
+            params, hidden, prompt, mcache)
+        for T in (1, 2, 4):
+            def with_head(h, p, t, c):
+                logits, u, _ = mtp_forward_cached(cfg, p, h, t, c, logits_at="last")
+                return u + 0 * jnp.max(logits)
+
+            def without_head(h, p, t, c):
+                return mtp_forward_cached(cfg, p, h, t, c, logits_at="last")[1]
+
+            fns[f"MTP head, {T} token(s), LM head at 1"] = looped(with_head, hidden[:, :T], params, prompt[:, :T],
+                                                                  mcache)
+            fns[f"MTP head, {T} token(s), no LM head"] = looped(without_head, hidden[:, :T], params, prompt[:, :T],
+                                                                mcache)
+    times = interleaved(fns, warmup=2, steps=repeats)
+    base = times["main model, 1 token(s)"]["median_s"]
+    rows = [{"piece": name, "ms per call": round(1e3 * t["median_s"] / calls, 3),
+             "steps": round(t["median_s"] / base, 2)} for name, t in times.items()]
+    for r in rows:
+        print(r, flush=True)
+    return rows
+
+
 def bandwidth_cfg(args):
     """A dense hybrid large enough that a decode step reads more weights than the CPU caches hold."""
     return load_config("tiny", vocab_size=16000, hidden_size=1024, num_layers=8, num_heads=8, num_kv_heads=2,
@@ -221,6 +270,9 @@ def main(argv=None) -> int:
     print(f"verify cost ({cfg.name}), load average {os.getloadavg()}", flush=True)
     result["verify_cost"] = spec_cost_table(cfg, params, args.draft_tokens, args.cost_repeats)
     print(table(result["verify_cost"]))
+    print(f"in-loop costs ({cfg.name}), load average {os.getloadavg()}", flush=True)
+    result["in_loop_cost"] = in_loop_cost_table(cfg, params, args.cost_repeats)
+    print(table(result["in_loop_cost"]))
     if args.bandwidth:
         cfg = bandwidth_cfg(args)
         params = init_params(cfg, jax.random.key(0))

@@ -1,9 +1,9 @@
 """MoE decode path: one compiled cached forward of 1, 2 and 4 tokens with the routed experts through the sorted
-grouped-matmul dispatch against gathered per-assignment expert weights (`layers/moe.py`, the default for a few
-tokens), alternating in one process.
+grouped-matmul dispatch against the loop over the distinct experts (`layers/moe.py` `distinct_experts_swiglu`, the
+default for a few tokens), alternating in one process.
 
 The trained run's model (`--run`, default runs/default) or a random-init `--model` preset. The sorted variant is
-traced with `moe.GATHER_MAX_ROWS = 0` under a config that differs only in `moe_impl="xla"` (what "auto" resolves to
+traced with `moe.FEW_ROWS_MAX = 0` under a config that differs only in `moe_impl="xla"` (what "auto" resolves to
 on CPU), so the two compiled programs are cached apart.
 
     JAX_PLATFORMS=cpu .venv/bin/python benchmarks/moe_decode.py --out moe_decode.json
@@ -50,22 +50,23 @@ def main(argv=None) -> int:
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, P)).astype(np.int32)
     cache = init_cache(cfg, 1, P + max(args.tokens))
     _, _, cache = jax.jit(lambda p, t, c: forward_cached(cfg, p, t, c, logits_at="last"))(params, prompt, cache)
-    fns, default_rows = {}, moe.GATHER_MAX_ROWS
-    for path in ("sorted", "gathered"):
-        moe.GATHER_MAX_ROWS = 0 if path == "sorted" else default_rows
+    fns, default_rows = {}, moe.FEW_ROWS_MAX
+    for path in ("sorted", "distinct"):
+        moe.FEW_ROWS_MAX = 0 if path == "sorted" else default_rows
         c = cfg.replace(moe_impl="xla") if path == "sorted" else cfg
         for T in args.tokens:
             step = jax.jit(lambda p, t, k, c=c: jnp.argmax(forward_cached(c, p, t, k)[0], -1))
             compiled = step.lower(params, prompt[:, :T], cache).compile()  # traced now, under this path
             fns[(path, T)] = lambda f=compiled, t=prompt[:, :T]: f(params, t, cache)
-    moe.GATHER_MAX_ROWS = default_rows
+    moe.FEW_ROWS_MAX = default_rows
     load_before = os.getloadavg()
     times = interleaved(fns, warmup=5, steps=args.steps)
     rows = []
     for T in args.tokens:
-        s, g = times[("sorted", T)], times[("gathered", T)]
+        s, g = times[("sorted", T)], times[("distinct", T)]
         rows.append({"tokens": T, "sorted ms": round(1e3 * s["median_s"], 3),
-                     "gathered ms": round(1e3 * g["median_s"], 3), "speed-up": round(paired_ratio(g, s), 2)})
+                     "distinct-expert loop ms": round(1e3 * g["median_s"], 3),
+                     "speed-up": round(paired_ratio(g, s), 2)})
     print(f"{cfg.name}: {cfg.num_experts} experts, top-{cfg.experts_per_token}; load average {load_before} before, "
           f"{os.getloadavg()} after")
     print(markdown_table(list(rows[0]), [list(r.values()) for r in rows]))

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from qwen35_jax import load_config
+from qwen35_jax.layers import moe
 from qwen35_jax.layers.moe import MoE
 from qwen35_jax.train.losses import load_balancing_loss, router_z_loss
 from tests.cpu_env import cpu_env
@@ -39,10 +40,11 @@ def toy_config(**kw):
 # transformers parity
 
 
-@pytest.mark.parametrize("B,T", [(2, 7), (1, 2)], ids=["sorted-dispatch", "few-tokens-gathered"])
+@pytest.mark.parametrize("B,T", [(2, 12), (1, 2), (2, 4)], ids=["sorted-dispatch", "few-tokens", "few-tokens-shared"])
 def test_moe_layer_matches_transformers_sparse_block(B, T):
-    """14 tokens run the sorted grouped-matmul dispatch; 2 tokens (a decode or verify step: 6 assignments of 8
-    experts) gather each assignment's expert weights instead. Both against transformers."""
+    """24 tokens (72 assignments) run the sorted grouped-matmul dispatch; 2 tokens (a decode or verify step: 6
+    assignments of 8 experts) and 8 tokens (24 assignments: every expert shared by several tokens) loop over the
+    distinct experts instead. All against transformers."""
     import torch
     from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeSparseMoeBlock
 
@@ -73,7 +75,38 @@ def test_moe_layer_matches_transformers_sparse_block(B, T):
         ref = block(torch.from_numpy(x)).numpy()
     assert max_rel_err(ours, ref) <= 1e-5
     assert float(jnp.sum(stats["counts"])) == B * T * cfg.experts_per_token
-    assert (" while[" in str(jax.make_jaxpr(apply)(p, jnp.asarray(x)))) == (B * T > 2)  # the gmm work-item loop
+    jaxpr = str(jax.make_jaxpr(apply)(p, jnp.asarray(x)))
+    sorted_dispatch = B * T * cfg.experts_per_token > moe.FEW_ROWS_MAX
+    assert (" while[" in jaxpr) == sorted_dispatch  # the gmm work-item loop
+    assert ("cond[" in jaxpr) == (not sorted_dispatch)  # the loop over distinct experts skips its unused slots
+
+
+@pytest.mark.parametrize("N", [1, 3, 12])
+def test_distinct_expert_loop_equals_sorted_dispatch_values_and_gradients(N):
+    """The few-token path against the sorted grouped-matmul dispatch (`impl="reference"`) on the same assignments,
+    including repeated experts across tokens and fewer distinct experts than loop slots: outputs and gradients
+    with respect to the tokens, the routing weights and both expert weight tensors."""
+    E, D, F, k = 16, 32, 16, 4
+    rng = np.random.default_rng(N)
+    x = jnp.asarray(rng.normal(size=(N, D)), jnp.float32)
+    experts = jnp.asarray(np.stack([rng.choice(6, k, replace=False) for _ in range(N)]), jnp.int32)  # 6 of 16 used
+    weights = jnp.asarray(rng.uniform(0.1, 1.0, size=(N, k)), jnp.float32)
+    wgu = jnp.asarray(0.3 * rng.normal(size=(E, D, 2 * F)), jnp.float32)
+    wd = jnp.asarray(0.3 * rng.normal(size=(E, F, D)), jnp.float32)
+
+    def loss(impl, x, w, wgu, wd):
+        y = moe.dispatch_combine(x, w, experts, wgu, wd, impl=impl)
+        return jnp.sum(jnp.sin(y)), y
+
+    (l0, y0), g0 = jax.value_and_grad(lambda *a: loss("reference", *a), argnums=(0, 1, 2, 3), has_aux=True)(
+        x, weights, wgu, wd)
+    (l1, y1), g1 = jax.value_and_grad(lambda *a: loss("auto", *a), argnums=(0, 1, 2, 3), has_aux=True)(
+        x, weights, wgu, wd)
+    assert "cond[" in str(jax.make_jaxpr(lambda *a: loss("auto", *a))(x, weights, wgu, wd))
+    assert max_rel_err(y1, y0) <= 1e-6
+    for name, a, b in zip(("x", "weights", "w_gate_up", "w_down"), g1, g0):
+        assert max_rel_err(a, b) <= 1e-5, name
+    assert float(jnp.abs(g1[2][6:]).max()) == 0.0  # experts no token routes to get no gradient
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -109,7 +142,7 @@ def test_token_chunks_change_memory_not_numbers(chunks):
 
 def test_token_chunks_apply_the_capacity_per_slice():
     """With a capacity factor each strided slice is its own dispatch group: the oracle runs the capped layer on
-    tokens 0, 2, 4, ... and 1, 3, 5, ... separately (more than GATHER_MAX_ROWS assignments: a decode step's few
+    tokens 0, 2, 4, ... and 1, 3, 5, ... separately (more than FEW_ROWS_MAX assignments: a decode step's few
     tokens are never sliced)."""
     B, T, D = 2, 12, 32
     x = jnp.asarray(np.random.default_rng(4).normal(size=(B, T, D)), jnp.float32)
