@@ -6,10 +6,12 @@ decoding on a trained run (acceptance rate and speed-up over plain greedy decodi
     ms(8192) / ms(512) shows how decode cost grows with context: constant-size recurrent state in GDN layers, a KV
     cache read that grows with context in attention layers.
 (b) With `--run DIR` (default runs/default, the embedded default's trained run, when present): greedy generation of
-    `--new-tokens` tokens after a few code prompts, plain and with MTP drafts (k = 1, 2, 3), reporting tokens/s,
-    the speed-up, the acceptance rate, acceptance per draft position (draft i accepted given drafts 1..i-1 were)
-    and tokens per verify step. Greedy speculative output is checked equal to plain. The contenders alternate
-    `--repeats` times; tokens/s and the speed-up are medians of per-repeat ratios (the machine may be shared).
+    `--new-tokens` tokens after a few code prompts, plain and with MTP drafts (k = 1, 2, 3; also drafting among the
+    `--draft-vocab` most frequent tokens of the run's training data, as `qwen35 generate --draft-vocab` does),
+    reporting tokens/s, the speed-up, the acceptance rate, acceptance per draft position (draft i accepted given
+    drafts 1..i-1 were) and tokens per verify step. Greedy speculative output is checked equal to plain. For each
+    prompt every contender runs in turn (rotating order), `--repeats` times; the speed-up is the median of the
+    ratios to plain greedy on the same prompt in the same turn (the machine's speed drifts; neighbours cancel it).
     `--skip-context` runs only the speculative parts.
 (c) The verify-cost and rollback ablation (the trained run's model, or `--model` when there is none): one compiled
     plain decode step against, for each k, the verify forward over k+1 tokens as before (final GDN states only)
@@ -19,8 +21,9 @@ decoding on a trained run (acceptance rate and speed-up over plain greedy decodi
 (d) `--bandwidth`: the same verify cost on a model whose fp32 weights (a few hundred MB) do not fit in the caches,
     so that one decode step is dominated by reading the weights, as real models are on TPU/GPU.
 (e) The verify and MTP pieces inside one compiled loop (32 calls per dispatch, so host dispatch is amortised as it is in
-    generation): the main model's forward over 1, 2 and 4 tokens (checkpointed for 2 and 4) and the MTP head over
-    1, 2 and 4 tokens with and without its LM head, in units of the one-token forward.
+    generation): the main model's forward over 1, 2 and 4 tokens (checkpointed for 2 and 4; also with the [D, V]
+    LM head the verify pass uses on CPU) and the MTP head over 1, 2 and 4 tokens with and without its LM head (and
+    with the LM head over `--draft-vocab` rows), in units of the one-token forward.
 
     JAX_PLATFORMS=cpu .venv/bin/python benchmarks/decode.py --out decode.json
 """
@@ -40,7 +43,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import environment, markdown_table, write_json  # noqa: E402
+from benchmarks.common import (add_load_arguments, environment, load_guard, load_line, machine_record,  # noqa: E402
+                               markdown_table, write_json)
 from qwen35_jax import init_params, load_config  # noqa: E402
 from qwen35_jax.generation import Sampling, _programs, generate  # noqa: E402
 from qwen35_jax.model import init_cache  # noqa: E402
@@ -78,27 +82,38 @@ def context_table(args) -> list[dict]:
 
 
 def mtp_table(args) -> list[dict]:
-    """Plain greedy and MTP k = 1, 2, 3 on the same prompts, interleaved `--repeats` times (a burst of load from
-    elsewhere slows every contender of that repeat); tokens/s and speed-up are medians over the repeats."""
+    """Plain greedy and MTP k = 1, 2, 3 (and with draft vocabularies) on the same prompts, every contender in turn
+    for each prompt, `--repeats` times; tokens/s and the speed-up are medians over the (repeat, prompt) runs, the
+    speed-up of the per-run ratios against plain greedy on the same prompt in the same turn."""
     from qwen35_jax.generate_cli import load_source
 
     cfg, params, tokenizer = load_source(args.run)
     cfg = cfg.replace(dtype="float32")
     prompts = [list(tokenizer.encode(p)) for p in PROMPTS]
-    ks = [0] + list(args.draft_tokens)
-    spec = {k: dict(speculative="mtp", draft_tokens=k) if k else {} for k in ks}
+    vocabs = {n: run_draft_vocab(args.run, tokenizer, cfg.vocab_size, n) for n in args.draft_vocab}
+    # contenders: 0 (plain), k (MTP over the whole vocabulary), (k, n) (MTP drafting among the n most frequent)
+    ks = [0] + list(args.draft_tokens) + [(k, n) for n in args.draft_vocab for k in args.draft_tokens]
+    spec = {k: {} if k == 0 else dict(speculative="mtp", draft_tokens=k) if isinstance(k, int) else
+            dict(speculative="mtp", draft_tokens=k[0], draft_vocab=vocabs[k[1]][0]) for k in ks}
     for k in ks:  # compile (every prompt fits one bucket: same shapes)
         generate(cfg, params, [prompts[0]], max_new_tokens=args.new_tokens, **spec[k])
-    tps, runs = {k: [] for k in ks}, {}
+    # per repeat and prompt, every contender in turn (the order rotating): a ratio compares runs a fraction of a
+    # second apart, so the machine's speed (it drifts by up to 2x over minutes here) cancels
+    tps = {k: [] for k in ks}
+    runs = {k: [None] * len(prompts) for k in ks}
     print(f"load average before: {os.getloadavg()}", flush=True)
-    for _ in range(args.repeats):
-        for k in ks:
-            runs[k] = [generate(cfg, params, [p], max_new_tokens=args.new_tokens, **spec[k]) for p in prompts]
-            tps[k].append(sum(r.stats["new_tokens"] - 1 for r in runs[k]) / sum(r.stats["decode_s"] for r in runs[k]))
+    for rep in range(args.repeats):
+        for j, p in enumerate(prompts):
+            order = ks[(rep + j) % len(ks):] + ks[:(rep + j) % len(ks)]
+            for k in order:
+                runs[k][j] = generate(cfg, params, [p], max_new_tokens=args.new_tokens, **spec[k])
+                tps[k].append((runs[k][j].stats["new_tokens"] - 1) / runs[k][j].stats["decode_s"])
     rows = []
     print(f"load average after: {os.getloadavg()}", flush=True)
     for k in ks:
-        row = {"decoding": f"MTP k={k}" if k else "plain greedy", "tokens/s": round(statistics.median(tps[k]), 1),
+        name = ("plain greedy" if k == 0 else f"MTP k={k}" if isinstance(k, int) else
+                f"MTP k={k[0]}, draft vocab {k[1]} ({vocabs[k[1]][1]:.0%})")
+        row = {"decoding": name, "tokens/s": round(statistics.median(tps[k]), 1),
                "speed-up": round(statistics.median(a / b for a, b in zip(tps[k], tps[0])), 2)}
         if k:
             if any(r.tokens != b.tokens for r, b in zip(runs[k], runs[0])):
@@ -114,10 +129,20 @@ def mtp_table(args) -> list[dict]:
     return rows
 
 
+def run_draft_vocab(run_dir, tokenizer, vocab_size: int, size: int):
+    """(ids, coverage): the `size` most frequent tokens of the run's training data, as `qwen35 generate
+    --draft-vocab` picks them, and the share of the training tokens they cover."""
+    from qwen35_jax import draft_vocab as dv
+
+    counts = dv.data_token_counts(dv.run_data_spec(run_dir), tokenizer, vocab_size)
+    ids = dv.frequent_ids(counts, size)
+    return ids, dv.coverage(counts, ids)
+
+
 def spec_cost_table(cfg, params, ks, repeats: int) -> list[dict]:
     """(c) and (d): per k, costs in plain decode steps (see the module docstring); batch 1, interleaved medians."""
     from benchmarks.common import interleaved, paired_ratio
-    from qwen35_jax.generation import _speculative_programs
+    from qwen35_jax.generation import _heads, _speculative_programs
     from qwen35_jax.model import checkpoint_cache, forward_cached, select_checkpoint
 
     rng = np.random.default_rng(0)
@@ -156,8 +181,9 @@ def spec_cost_table(cfg, params, ks, repeats: int) -> list[dict]:
             y, d, lq, c, m = start(params, prompt, np.ones_like(prompt), np.arange(P, dtype=np.int32)[None], c, m,
                                    jax.random.key(0))
             n = jnp.asarray([P], jnp.int32)
+            heads = _heads(cfg, params)  # as generate passes them (the [D, V] verify head on CPU)
             fns[f"round after k={k}"] = lambda y=y, d=d, lq=lq, c=c, m=m, f=verify_round: f(
-                params, c, m, y, d, lq, n, jax.random.key(1))
+                params, c, m, y, d, lq, n, jax.random.key(1), heads)
     times = interleaved(fns, warmup=2, steps=repeats)
     rows = []
     for k in ks:
@@ -174,10 +200,12 @@ def spec_cost_table(cfg, params, ks, repeats: int) -> list[dict]:
     return rows
 
 
-def in_loop_cost_table(cfg, params, repeats: int, calls: int = 32) -> list[dict]:
-    """(e): per piece, the median over `repeats` of a compiled `calls`-iteration loop of it, per call."""
+def in_loop_cost_table(cfg, params, repeats: int, calls: int = 32, draft_vocab=()) -> list[dict]:
+    """(e): per piece, the median over `repeats` of a compiled `calls`-iteration loop of it, per call (the MTP
+    head's LM head also over `draft_vocab` sizes of rows)."""
     from benchmarks.common import interleaved
-    from qwen35_jax.model import checkpoint_cache, forward_cached, init_mtp_cache, mtp_forward_cached
+    from qwen35_jax.model import (checkpoint_cache, draft_head, forward_cached, head_columns, init_mtp_cache,
+                                  mtp_forward_cached)
 
     P = 64
     prompt = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, P)), jnp.int32)
@@ -188,13 +216,16 @@ def in_loop_cost_table(cfg, params, repeats: int, calls: int = 32) -> list[dict]
         f = jax.jit(lambda *a: jax.lax.fori_loop(0, calls, lambda i, c: body(c, *a), init))
         return lambda: f(*args)
 
-    def main(T):
-        def body(t, p, c):
+    def main(T, head_DV=None):
+        def body(t, p, c, w):
             c = checkpoint_cache(c) if T > 1 else c
-            return jnp.argmax(forward_cached(cfg, p, t, c)[0], -1).astype(jnp.int32)
-        return looped(body, prompt[:, :T], params, cache)
+            return jnp.argmax(forward_cached(cfg, p, t, c, head_DV=w)[0], -1).astype(jnp.int32)
+        return looped(body, prompt[:, :T], params, cache, head_DV)
 
     fns = {f"main model, {T} token(s)": main(T) for T in (1, 2, 4)}
+    head_DV = head_columns(cfg, params)
+    for T in (2, 4):
+        fns[f"main model, {T} token(s), [D, V] LM head"] = main(T, head_DV)
     if cfg.mtp_num_layers:
         mcache = init_mtp_cache(cfg, 1, P + 16)
         _, _, mcache = jax.jit(lambda p, h, t, c: mtp_forward_cached(cfg, p, h, t, c, logits_at="last"))(
@@ -211,6 +242,15 @@ def in_loop_cost_table(cfg, params, repeats: int, calls: int = 32) -> list[dict]
                                                                   mcache)
             fns[f"MTP head, {T} token(s), no LM head"] = looped(without_head, hidden[:, :T], params, prompt[:, :T],
                                                                 mcache)
+        for n in draft_vocab:
+            head_VD = draft_head(cfg, params, jnp.arange(n, dtype=jnp.int32))
+
+            def with_draft_head(h, p, t, c, w):
+                logits, u, _ = mtp_forward_cached(cfg, p, h, t, c, logits_at="last", head_VD=w)
+                return u + 0 * jnp.max(logits)
+
+            fns[f"MTP head, 1 token(s), LM head over {n} tokens"] = looped(
+                with_draft_head, hidden[:, :1], params, prompt[:, :1], mcache, head_VD)
     times = interleaved(fns, warmup=2, steps=repeats)
     base = times["main model, 1 token(s)"]["median_s"]
     rows = [{"piece": name, "ms per call": round(1e3 * t["median_s"] / calls, 3),
@@ -242,21 +282,27 @@ def main(argv=None) -> int:
     parser.add_argument("--run", default="runs/default")
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--draft-tokens", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--draft-vocab", type=int, nargs="*", default=[1024],
+                        help="also MTP drafting among this many most frequent tokens of the run's training data")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-context", action="store_true", help="only the speculative tables")
     parser.add_argument("--skip-throughput", action="store_true", help="no plain-vs-MTP tokens/s table")
     parser.add_argument("--cost-repeats", type=int, default=15)
     parser.add_argument("--bandwidth", action="store_true", help="add the bandwidth-bound verify-cost case")
     parser.add_argument("--out", default=None)
+    add_load_arguments(parser)
     args = parser.parse_args(argv)
+    guard = load_guard(args)
     result = {"environment": environment()}
     if not args.skip_context:
         result["context"] = context_table(args)
         print(table(result["context"]))
+        print(load_line(guard))
     trained = Path(args.run, "checkpoints").exists()
     if trained and not args.skip_throughput:
         result["mtp"] = mtp_table(args)
         print(table(result["mtp"]))
+        print(load_line(guard))
     elif not trained:
         print(f"(no trained run at {args.run}: skipping the MTP table; run `make train` first)")
     if trained:
@@ -270,9 +316,11 @@ def main(argv=None) -> int:
     print(f"verify cost ({cfg.name}), load average {os.getloadavg()}", flush=True)
     result["verify_cost"] = spec_cost_table(cfg, params, args.draft_tokens, args.cost_repeats)
     print(table(result["verify_cost"]))
+    print(load_line(guard))
     print(f"in-loop costs ({cfg.name}), load average {os.getloadavg()}", flush=True)
-    result["in_loop_cost"] = in_loop_cost_table(cfg, params, args.cost_repeats)
+    result["in_loop_cost"] = in_loop_cost_table(cfg, params, args.cost_repeats, draft_vocab=args.draft_vocab)
     print(table(result["in_loop_cost"]))
+    print(load_line(guard))
     if args.bandwidth:
         cfg = bandwidth_cfg(args)
         params = init_params(cfg, jax.random.key(0))
@@ -281,7 +329,9 @@ def main(argv=None) -> int:
         result["bandwidth"] = {"weights_mib": round(mb), "rows": spec_cost_table(cfg, params, args.draft_tokens,
                                                                                  args.cost_repeats)}
         print(table(result["bandwidth"]["rows"]))
+        print(load_line(guard))
     result["load_avg_end"] = os.getloadavg()
+    result["machine"] = machine_record(guard)
     if args.out:
         write_json(args.out, result)
     return 0

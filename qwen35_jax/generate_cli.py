@@ -52,6 +52,21 @@ def parse_ids(text: str, what: str) -> list[int]:
         raise UserError(f"{what} must be integers separated by commas, got {text!r}") from None
 
 
+def _draft_vocab(args, cfg, tokenizer, stop):
+    """The --draft-vocab ids: the most frequent tokens of --draft-vocab-data (or the run's training data), with the
+    stop tokens always in."""
+    from qwen35_jax import draft_vocab as dv
+
+    if args.speculative is None:
+        raise UserError("--draft-vocab restricts speculative drafts: add --speculative mtp")
+    spec = args.draft_vocab_data if args.draft_vocab_data is not None else dv.run_data_spec(args.source)
+    counts = dv.data_token_counts(spec, tokenizer, cfg.vocab_size, max_documents=args.draft_vocab_documents)
+    ids = dv.frequent_ids(counts, args.draft_vocab, always=stop)
+    print(f"draft vocabulary: {ids.size} of {cfg.vocab_size} tokens, {dv.coverage(counts, ids):.1%} of the "
+          f"{int(counts.sum())} counted", file=sys.stderr)
+    return ids
+
+
 def generate_main(argv) -> int:
     parser = argparse.ArgumentParser(prog="qwen35 generate", description=__doc__.splitlines()[0])
     parser.add_argument("source", help="a run directory (qwen35 train) or a Hugging Face checkpoint folder")
@@ -66,6 +81,14 @@ def generate_main(argv) -> int:
     parser.add_argument("--stop-ids", default=None, help="stop token ids (default: the tokenizer's end of text)")
     parser.add_argument("--speculative", choices=["mtp"], default=None, help="draft with the MTP head")
     parser.add_argument("--draft-tokens", type=int, default=2)
+    parser.add_argument("--draft-vocab", type=int, default=None, metavar="N",
+                        help="draft among the N most frequent tokens of --draft-vocab-data only (a cheaper draft LM "
+                             "head; the output is unchanged)")
+    parser.add_argument("--draft-vocab-data", default=None, metavar="SPEC",
+                        help="data the frequencies are counted on (a data spec as in training: stdlib, a path, "
+                             "YAML; default: a run directory's own training data)")
+    parser.add_argument("--draft-vocab-documents", type=int, default=20000,
+                        help="count over at most this many documents")
     parser.add_argument("--print-ids", action="store_true", help="print the generated ids as the last line")
     parser.add_argument("--image", action="append", default=[], metavar="PATH",
                         help="an image placed before the prompt (repeatable; needs a vision-language checkpoint)")
@@ -96,6 +119,10 @@ def generate_main(argv) -> int:
     else:
         stop = [tokenizer.eos_id] if tokenizer is not None and tokenizer.eos_id is not None else []
 
+    draft_vocab = None
+    if args.draft_vocab is not None:
+        draft_vocab = _draft_vocab(args, cfg, tokenizer, stop)
+
     generated: list[int] = []
     shown = [""]
 
@@ -112,7 +139,8 @@ def generate_main(argv) -> int:
         sys.stdout.write(args.prompt)
     result = generate(cfg, params, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       top_k=args.top_k, top_p=args.top_p, stop_tokens=stop, seed=args.seed,
-                      speculative=args.speculative, draft_tokens=args.draft_tokens, on_tokens=stream,
+                      speculative=args.speculative, draft_tokens=args.draft_tokens, draft_vocab=draft_vocab,
+                      on_tokens=stream,
                       **vision_inputs)
     if tokenizer is not None:
         sys.stdout.write("\n")

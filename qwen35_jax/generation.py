@@ -13,7 +13,8 @@ rollback selects each row's checkpoint at its accepted position, and the KV cach
 head's) roll back by per-row index. Rounds run on device like plain decoding's steps: up to `chunk` rounds per
 compiled `lax.while_loop` with fixed shapes (k+1 verify positions; the accepted counts, per-row output write
 indices and stop conditions are traced), so the host wakes up only to stream each chunk's tokens. Prefill (plain and
-speculative) runs the LM head on the last prompt position only.
+speculative) runs the LM head on the last prompt position only. With a draft vocabulary (`draft_vocab`, the most
+frequent tokens of a corpus: FR-Spec) the MTP head's LM head reads only those rows of the embedding.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ import numpy as np
 from qwen35_jax.config import ModelConfig
 from qwen35_jax.errors import UserError
 from qwen35_jax.multimodal import prepare_vision
-from qwen35_jax.model import (checkpoint_cache, forward_cached, init_cache, init_mtp_cache, mtp_forward_cached,
-                              select_checkpoint)
+from qwen35_jax.model import (checkpoint_cache, draft_head, forward_cached, head_columns, init_cache,
+                              init_mtp_cache, mtp_forward_cached, select_checkpoint)
 
 PROMPT_BUCKET = 32  # prompts are left-padded to a multiple of this (fewer prefill compiles)
 
@@ -144,15 +145,19 @@ def _programs(cfg: ModelConfig, s: Sampling, chunk: int):
 
 def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 32,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, stop_tokens: Sequence[int] = (),
-             seed: int = 0, speculative: str | None = None, draft_tokens: int = 2, chunk: int = 16,
+             seed: int = 0, speculative: str | None = None, draft_tokens: int = 2,
+             draft_vocab: Sequence[int] | None = None, chunk: int = 16,
              on_tokens: Callable[[list[list[int]]], None] | None = None, pixel_values=None, image_grid_thw=None,
              pixel_values_videos=None, video_grid_thw=None) -> GenerationResult:
     """Generates up to `max_new_tokens` after each prompt (a list of token-id lists; batched, any lengths).
 
     `on_tokens(new_tokens_per_prompt)` is called as tokens become available (streaming). Rows stop at the first
     token in `stop_tokens`. `speculative="mtp"` drafts `draft_tokens` tokens per step with the MTP head (batched:
-    rows accept different numbers of drafts). Stats with speculation: rounds, acceptance_rate, acceptance_per_position
-    (draft i accepted given drafts 1..i-1 were), tokens_per_round (tokens per main-model verify step).
+    rows accept different numbers of drafts); `draft_vocab` (token ids, e.g. the most frequent ones:
+    `draft_vocab.frequent_ids`) restricts the drafts to those tokens, so that each draft's LM head reads only their
+    rows (the output is the same: the main model verifies every draft). Stats with speculation: rounds,
+    acceptance_rate, acceptance_per_position (draft i accepted given drafts 1..i-1 were), tokens_per_round (tokens
+    per main-model verify step).
     `chunk` is the number of decode steps (speculative: draft-verify rounds) per compiled call.
     Images / videos (`pixel_values`, `image_grid_thw`, ... as in `forward`, in prompt order) fill the prompts'
     placeholder tokens; decoding continues the mRoPE positions after the largest prompt position.
@@ -162,6 +167,8 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
     prompts = _check_prompts(cfg, prompts, max_new_tokens)
     if speculative not in (None, "mtp"):
         raise UserError(f"speculative must be None or 'mtp', got {speculative!r}")
+    if draft_vocab is not None and not speculative:
+        raise UserError("draft_vocab restricts speculative drafts: it needs speculative='mtp'")
     if speculative:
         if pixel_values is not None or pixel_values_videos is not None:
             raise UserError("speculative decoding does not take image or video inputs yet; use plain decoding")
@@ -170,7 +177,7 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_
         if draft_tokens < 1:
             raise UserError(f"draft_tokens must be >= 1, got {draft_tokens}")
         return _generate_speculative(cfg, params, prompts, max_new_tokens, s, tuple(stop_tokens), seed,
-                                     draft_tokens, chunk, on_tokens)
+                                     draft_tokens, chunk, on_tokens, _heads(cfg, params, draft_vocab))
     stop = set(int(t) for t in stop_tokens)
     tokens, seg, pos = _left_pad(prompts, PROMPT_BUCKET)
     vision, next_pos = None, pos[:, -1] + 1
@@ -258,27 +265,42 @@ def _speculative_programs(cfg: ModelConfig, s: Sampling, k: int, rounds: int = 1
     first drafts), `verify_round` (one draft-verify round) and `run_rounds` (up to `rounds` rounds in one compiled
     loop). Caches carry per-row write indices [B] and the main cache is in the checkpointed layout."""
 
-    def draft_chain(params, u_BD, logits_BV, mtp_cache, p_B, key):
+    def draw(logits_BV, key, heads):
+        """A draft per row from the MTP head's logits: over the whole vocabulary, or over the draft vocabulary
+        (`heads["draft_ids"] [V']`; the log-probs are scattered back to [B, V], -inf off the subset)."""
+        if "draft_ids" not in heads:
+            return _draw(logits_BV, key, s)
+        ids = heads["draft_ids"]
+        j, logq = _draw(logits_BV, key, dataclasses.replace(s, top_k=min(s.top_k, ids.shape[0])))
+        if logq.shape[-1]:
+            logq = jnp.full(logq.shape[:-1] + (cfg.vocab_size,), -jnp.inf, logq.dtype).at[..., ids].set(logq)
+        return ids[j], logq
+
+    def draft_chain(params, u_BD, logits_BV, mtp_cache, p_B, key, heads):
         """Drafts d_1 from `logits` and d_2..d_k by feeding the MTP hidden state back at positions p, p+1.. (the
         chain's cache writes are scratch: the cache is not returned). Returns drafts [B, k], log-probs [B, k, V]."""
         keys = jax.random.split(key, k)
-        d, logq = _draw(logits_BV, keys[0], s)
+        d, logq = draw(logits_BV, keys[0], heads)
         if k == 1:
             return d[:, None], logq[:, None]
 
         def step(carry, key):
             u, d, cache, p = carry
-            logits, u, cache = mtp_forward_cached(cfg, params, u, d[:, None], cache, positions=p[:, None])
-            nd, lq = _draw(logits[:, 0], key, s)
+            logits, u, cache = mtp_forward_cached(cfg, params, u, d[:, None], cache, positions=p[:, None],
+                                                  head_VD=heads.get("draft_VD"))
+            nd, lq = draw(logits[:, 0], key, heads)
             return (u, nd, cache, p + 1), (nd, lq)
 
         _, (ds, lqs) = jax.lax.scan(step, (u_BD[:, None], d, mtp_cache, p_B), keys[1:], unroll=True)
         return jnp.concatenate([d[:, None], ds.T], 1), jnp.concatenate([logq[:, None], jnp.moveaxis(lqs, 0, 1)], 1)
 
     @jax.jit
-    def start(params, tokens, seg, pos, cache, mtp_cache, key):
+    def start(params, tokens, seg, pos, cache, mtp_cache, key, heads=None):
         """Prefill the main model and the MTP head (LM head on the last position only); returns the pending token
-        y [B] (not yet in the main cache), drafts, their log-probs and the caches."""
+        y [B] (not yet in the main cache), drafts, their log-probs and the caches. `heads` (`_heads`, optional
+        keys): "draft_ids" [V'] and "draft_VD" (their `draft_head` rows): the MTP head drafts among those tokens
+        only; "verify_DV" (`head_columns`): the verify pass's LM head."""
+        heads = heads or {}
         k1, k2 = jax.random.split(key)
         B, P = tokens.shape
         logits, hidden, cache = forward_cached(cfg, params, tokens, cache, segment_ids=seg, positions=pos,
@@ -286,36 +308,38 @@ def _speculative_programs(cfg: ModelConfig, s: Sampling, k: int, rounds: int = 1
         y = sample(logits[:, 0], k1, s)
         nxt = jnp.concatenate([tokens[:, 1:], y[:, None]], axis=1)
         mlogits, u, mtp_cache = mtp_forward_cached(cfg, params, hidden, nxt, mtp_cache, segment_ids=seg,
-                                                   positions=pos, logits_at="last")
+                                                   positions=pos, logits_at="last", head_VD=heads.get("draft_VD"))
         per_row = jnp.full((B,), P, jnp.int32)
         cache = dict(checkpoint_cache(cache), index=per_row)
         mtp_cache = dict(mtp_cache, index=per_row)
-        drafts, logq = draft_chain(params, u[:, -1], mlogits[:, 0], mtp_cache, pos[:, -1] + 1, k2)
+        drafts, logq = draft_chain(params, u[:, -1], mlogits[:, 0], mtp_cache, pos[:, -1] + 1, k2, heads)
         return y, drafts, logq, cache, mtp_cache
 
-    def verify_round(params, cache, mtp_cache, y, drafts, logq, n, key):
+    def verify_round(params, cache, mtp_cache, y, drafts, logq, n, key, heads=None):
         """Verify [y, d_1..d_k] at positions n..n+k [B] in one pass that keeps the Gated DeltaNet state after every
         position; roll back by selecting each row's checkpoint at its accepted position (KV caches: by index), so
         no token runs twice. Returns the tokens that follow each verified one [B, k+1] (the first a+1 are new:
         d_1..d_a and the main model's next token), a [B], the next pending token, next drafts and the caches."""
+        heads = heads or {}
         kv, kd = jax.random.split(key)
         toks = jnp.concatenate([y[:, None], drafts], 1)  # [B, k+1]
         positions = n[:, None] + jnp.arange(k + 1, dtype=jnp.int32)
         index0, mtp_index0 = cache["index"], mtp_cache["index"]
-        logits, hidden, verified = forward_cached(cfg, params, toks, cache, positions=positions)
+        logits, hidden, verified = forward_cached(cfg, params, toks, cache, positions=positions,
+                                                  head_DV=heads.get("verify_DV"))
         a, y_next = accept(logits, drafts, logq, kv, s)
         cache = dict(select_checkpoint(verified, a), index=index0 + a + 1)
         nxt = jnp.where(jnp.arange(k + 1) == a[:, None], y_next[:, None], jnp.concatenate([drafts, drafts[:, -1:]], 1))
         # the MTP head over the same k+1 positions (its KV slots past a are overwritten next round), LM head at a
         mlogits, u, mtp_cache = mtp_forward_cached(cfg, params, hidden, nxt, mtp_cache, positions=positions,
-                                                   logits_at=a[:, None])
+                                                   logits_at=a[:, None], head_VD=heads.get("draft_VD"))
         mtp_cache = dict(mtp_cache, index=mtp_index0 + a + 1)
         u_a = jnp.take_along_axis(u, a[:, None, None], 1)[:, 0]
-        new_drafts, new_logq = draft_chain(params, u_a, mlogits[:, 0], mtp_cache, n + a + 1, kd)
+        new_drafts, new_logq = draft_chain(params, u_a, mlogits[:, 0], mtp_cache, n + a + 1, kd, heads)
         return nxt, a, y_next, new_drafts, new_logq, cache, mtp_cache
 
     @jax.jit
-    def run_rounds(params, state, stop_S, budget_B, done_B):
+    def run_rounds(params, state, stop_S, budget_B, done_B, heads=None):
         """Up to `rounds` rounds on device, ending early when every row is done (a stop token in `stop_S` (-1 pads)
         or `budget_B` new tokens; rows done before the call stay frozen). `state` = (cache, mtp_cache, pending y,
         drafts, logq, positions n of y, key). Returns the state, new tokens [B, rounds * (k+1)] (the first
@@ -331,7 +355,8 @@ def _speculative_programs(cfg: ModelConfig, s: Sampling, k: int, rounds: int = 1
         def body(c):
             (cache, mtp_cache, y, drafts, logq, n, key), out_BL, r, count_B, done_B, st = c
             key, sub = jax.random.split(key)
-            nxt, a, y2, drafts2, logq2, cache2, mtp2 = verify_round(params, cache, mtp_cache, y, drafts, logq, n, sub)
+            nxt, a, y2, drafts2, logq2, cache2, mtp2 = verify_round(params, cache, mtp_cache, y, drafts, logq, n, sub,
+                                                                    heads)
             live = ~done_B
             # a finished row keeps its state: its caches, position and output stop moving
             keep = lambda new, old: jax.tree.map(  # noqa: E731
@@ -362,7 +387,29 @@ def _speculative_programs(cfg: ModelConfig, s: Sampling, k: int, rounds: int = 1
     return start, jax.jit(verify_round), run_rounds
 
 
-def _generate_speculative(cfg, params, prompts, max_new_tokens, s, stop_tokens, seed, k, rounds, on_tokens):
+def _heads(cfg: ModelConfig, params, draft_vocab=None) -> dict:
+    """The LM-head arrays the speculative programs take (made once per `generate` call): with a draft vocabulary
+    (checked) its ids and `draft_head` rows; on XLA's CPU backend with a tied embedding, its [D, V] transpose for
+    the verify pass (`head_columns`: [k+1, D] x [V, D] on D is a slow path there; an untied lm_head is [D, V])."""
+    heads = {}
+    if cfg.tie_word_embeddings and jax.default_backend() == "cpu":
+        heads["verify_DV"] = head_columns(cfg, params)
+    if draft_vocab is None:
+        return heads
+    ids = np.asarray(draft_vocab)
+    if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise UserError(f"draft_vocab must be a non-empty list of token ids, got shape {ids.shape} {ids.dtype}")
+    bad = ids[(ids < 0) | (ids >= cfg.vocab_size)]
+    if bad.size:
+        raise UserError(f"draft_vocab: token id {int(bad[0])} is outside the vocabulary [0, {cfg.vocab_size})")
+    if np.unique(ids).size != ids.size:
+        raise UserError("draft_vocab: token ids repeat")
+    ids = jnp.asarray(ids, jnp.int32)
+    return dict(heads, draft_ids=ids, draft_VD=draft_head(cfg, params, ids))
+
+
+def _generate_speculative(cfg, params, prompts, max_new_tokens, s, stop_tokens, seed, k, rounds, on_tokens,
+                          heads=None):
     stop = sorted(set(int(t) for t in stop_tokens))
     tokens, seg, pos = _left_pad(prompts, PROMPT_BUCKET)
     B, P = tokens.shape
@@ -372,7 +419,7 @@ def _generate_speculative(cfg, params, prompts, max_new_tokens, s, stop_tokens, 
     key = jax.random.key(seed)
     key, sub = jax.random.split(key)
     t0 = time.perf_counter()
-    y, drafts, logq, cache, mtp_cache = start(params, tokens, seg, pos, cache, mtp_cache, sub)
+    y, drafts, logq, cache, mtp_cache = start(params, tokens, seg, pos, cache, mtp_cache, sub, heads)
     out = [[int(t)] for t in np.asarray(y)]  # the first token comes from the prefill; every round adds 1 to k+1
     prefill_s = time.perf_counter() - t0
     if on_tokens is not None:
@@ -384,7 +431,7 @@ def _generate_speculative(cfg, params, prompts, max_new_tokens, s, stop_tokens, 
     t0 = time.perf_counter()
     while not done.all():
         budget = jnp.asarray([max_new_tokens - len(o) for o in out], jnp.int32)
-        state, new, count, done_B, st = run_rounds(params, state, stop_S, budget, jnp.asarray(done))
+        state, new, count, done_B, st = run_rounds(params, state, stop_S, budget, jnp.asarray(done), heads)
         new, count = np.asarray(new), np.asarray(count)
         chunks = [new[b, :count[b]].tolist() for b in range(B)]
         for o, c in zip(out, chunks):

@@ -370,7 +370,7 @@ def _start(index):
 
 
 def forward_cached(cfg: ModelConfig, params, tokens, cache, *, segment_ids=None, positions=None, logits_at=None,
-                   vision=None):
+                   vision=None, head_DV=None):
     """Runs `tokens [B, T]` on top of `cache` (prefill when the cache is empty, decode otherwise).
 
     Returns (logits [B, N, V] fp32, hidden [B, T, D], new cache). The LM head runs only where asked: every position
@@ -379,6 +379,7 @@ def forward_cached(cfg: ModelConfig, params, tokens, cache, *, segment_ids=None,
     carries segment id 0 and is never attended to). The cache index may be [B] (per-row write slots); a cache in the
     checkpointed layout (`checkpoint_cache`) returns the Gated DeltaNet state after every one of the T tokens.
     `vision` (a prompt with images: multimodal.prepare_vision) comes with [3, B, T] mRoPE positions.
+    `head_DV [D, V]`: the LM head's weights as a [D, V] array (`head_columns`), used instead of the parameters'.
     """
     check_tokens(cfg, tokens)
     tokens = jnp.asarray(tokens, jnp.int32)
@@ -389,13 +390,19 @@ def forward_cached(cfg: ModelConfig, params, tokens, cache, *, segment_ids=None,
     if last:
         _logit_rows(tokens[..., None], logits_at)  # a bad string fails here, naming the argument
     logits, hidden, layers = _jitted_cached_forward(cfg, last)(params, tokens, seg, pos, cache["layers"], index,
-                                                               vision, None if last else logits_at)
+                                                               vision, None if last else logits_at, head_DV)
     return logits, hidden, {"index": index + tokens.shape[1], "layers": layers}
 
 
-def _cached_run(model, tokens, seg, pos, layers, index, vision, logits_at):
+def _cached_run(model, tokens, seg, pos, layers, index, vision, logits_at, head_DV):
     h_BTD, _, layers = model.hidden(tokens, seg, pos, layers, index, vision)
-    return model.logits(_logit_rows(h_BTD, logits_at)), h_BTD, layers
+    rows = _logit_rows(h_BTD, logits_at)
+    if head_DV is None:
+        return model.logits(rows), h_BTD, layers
+    dtype, _ = dtypes(model.cfg)
+    logits = jax.lax.dot_general(rows.astype(dtype), head_DV.astype(dtype), (((2,), (0,)), ((), ())),
+                                 preferred_element_type=accum_dtype(dtype))
+    return logits, h_BTD, layers
 
 
 @functools.lru_cache(maxsize=64)
@@ -403,9 +410,9 @@ def _jitted_cached_forward(cfg: ModelConfig, last: bool):
     """forward_cached's program, compiled once per shape (inlined when called inside an outer jit)."""
     module = module_for(cfg)
 
-    def run(params, tokens, seg, pos, layers, index, vision, logits_at):
+    def run(params, tokens, seg, pos, layers, index, vision, logits_at, head_DV):
         return module.apply({"params": params}, tokens, seg, pos, layers, index, vision,
-                            "last" if last else logits_at, method=_cached_run)
+                            "last" if last else logits_at, head_DV, method=_cached_run)
 
     return jax.jit(run)
 
@@ -443,21 +450,48 @@ def init_mtp_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> di
 
 
 def mtp_forward_cached(cfg: ModelConfig, params, hidden, next_tokens, cache, *, segment_ids=None, positions=None,
-                       logits_at=None):
+                       logits_at=None, head_VD=None):
     """The MTP head on top of its cache: position t takes the main model's hidden state h_t `hidden [B, T, D]` and
     token t+1 `next_tokens [B, T]`. Returns (logits for token t+2 [B, N, V] at the rows `logits_at` selects, as in
-    `forward_cached`; MTP hidden [B, T, D]; new cache)."""
+    `forward_cached`; MTP hidden [B, T, D]; new cache). `head_VD [V', D]` (`draft_head`: some rows of the LM head)
+    replaces the LM head, so the logits are [B, N, V'] over those tokens only (a speculative draft vocabulary)."""
     next_tokens = jnp.asarray(next_tokens, jnp.int32)
     index = cache["index"]
     seg, pos = default_inputs(next_tokens, segment_ids, positions, start=_start(index))
 
     def run(model, hidden, next_tokens, seg, pos, layer, index):
         u_BTD, _, layer = model.mtp_hidden(hidden, next_tokens, seg, pos, layer, index)
-        return model.logits(_logit_rows(u_BTD, logits_at)), u_BTD, layer
+        rows = _logit_rows(u_BTD, logits_at)
+        if head_VD is None:
+            return model.logits(rows), u_BTD, layer
+        dtype, _ = dtypes(cfg)
+        logits = jax.lax.dot_general(rows.astype(dtype), head_VD.astype(dtype), (((2,), (1,)), ((), ())),
+                                     preferred_element_type=accum_dtype(dtype))
+        return logits, u_BTD, layer
 
     logits, u, layer = module_for(cfg).apply({"params": params}, hidden, next_tokens, seg, pos, cache["layer"],
                                              index, method=run)
     return logits, u, {"index": index + next_tokens.shape[1], "layer": layer}
+
+
+def draft_head(cfg: ModelConfig, params, ids_V) -> jax.Array:
+    """The rows of the LM head (the tied embedding or `lm_head`) for token ids `ids_V [V']`, as [V', D]: sliced
+    once, so that a draft over V' tokens reads V' x D weights instead of V x D (`mtp_forward_cached(head_VD=...)`)."""
+    ids = jnp.asarray(ids_V, jnp.int32)
+    if ids.ndim != 1 or not 0 < ids.shape[0] <= cfg.vocab_size:
+        raise ValueError(f"draft vocabulary must be 1-D with 1..{cfg.vocab_size} ids, got shape {tuple(ids.shape)}")
+    if cfg.tie_word_embeddings:
+        return jnp.take(params["embed_tokens"]["embedding"], ids, axis=0)
+    return jnp.take(params["lm_head"], ids, axis=1).T
+
+
+def head_columns(cfg: ModelConfig, params) -> jax.Array:
+    """The LM head as a [D, V] array: `lm_head` itself, or a transposed copy of the tied embedding. On XLA's CPU
+    backend a few rows times [V, D] contracted on D (the tied layout) take a slow path, 2-3x one row's cost at
+    2-4 rows, where [D, V] costs 1.3-2x (a speculative verify pass: `forward_cached(head_DV=...)`)."""
+    if cfg.tie_word_embeddings:
+        return jnp.transpose(params["embed_tokens"]["embedding"])  # a new [D, V] buffer
+    return params["lm_head"]
 
 
 def cache_bytes(cfg: ModelConfig, batch: int, context: int, dtype=None) -> dict:

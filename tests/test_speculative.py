@@ -201,3 +201,106 @@ def test_speculative_sampling_matches_the_model_end_to_end():
     obs = np.append(counts12[big], counts12[~big].sum())
     assert chi_square_pvalue(obs, exp) > 1e-3
     assert chi_square_pvalue(np.bincount(toks[:, 2], minlength=V), marg3 * N) > 1e-3
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_draft_and_verify_heads_give_the_parameters_logits(tied):
+    """The MTP head's logits over a draft vocabulary equal the columns of its full-vocabulary logits, and the main
+    model's logits through the [D, V] verify head equal its own."""
+    cfg = small_cfg(tie_word_embeddings=tied)
+    params = init_params(cfg, jax.random.key(3))
+    rng = np.random.default_rng(1)
+    B, T = 2, 5
+    hidden = jnp.asarray(rng.normal(size=(B, T, cfg.hidden_size)), jnp.float32)
+    nxt = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, T)), jnp.int32)
+    ids = np.array([40, 3, 17, 0, 60, 22], np.int32)
+    cache = init_mtp_cache(cfg, B, 16)
+    full, u, _ = model_lib.mtp_forward_cached(cfg, params, hidden, nxt, cache)
+    sub, u2, _ = model_lib.mtp_forward_cached(cfg, params, hidden, nxt, cache,
+                                              head_VD=model_lib.draft_head(cfg, params, ids))
+    assert sub.shape == (B, T, ids.size)
+    np.testing.assert_allclose(sub, np.asarray(full)[..., ids], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(u, u2)
+    # the verify pass's [D, V] head (a transposed copy when tied) gives the parameters' logits
+    head_DV = model_lib.head_columns(cfg, params)
+    assert head_DV.shape == (cfg.hidden_size, cfg.vocab_size)
+    main = init_cache(cfg, B, 16)
+    ref, h, _ = forward_cached(cfg, params, nxt, main)
+    got, h2, _ = forward_cached(cfg, params, nxt, main, head_DV=head_DV)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(h, h2)
+
+
+def test_draft_vocab_keeps_greedy_output_and_drafts_only_its_tokens():
+    """With a draft vocabulary, greedy speculation still equals plain greedy (a batch, a stop token inside a round,
+    budgets), every draft is one of its ids, and a vocabulary that misses the model's choices is accepted less."""
+    from qwen35_jax.generation import _heads, _left_pad
+
+    cfg = small_cfg("GGGA")
+    params = init_params(cfg, jax.random.key(2))
+    rng = np.random.default_rng(4)
+    prompts = [list(rng.integers(0, 61, n)) for n in (7, 30, 12)]
+    plain = generate(cfg, params, prompts, max_new_tokens=20).tokens
+    stop = plain[1][9]
+    plain_stop = generate(cfg, params, prompts, max_new_tokens=20, stop_tokens=[stop]).tokens
+    made = sorted({t for row in plain for t in row})
+    vocabs = {"the model's tokens": made + [t for t in range(61) if t not in made][:4],
+              "none of them": [t for t in range(61) if t not in made]}
+    rates = {}
+    for name, ids in vocabs.items():
+        out = generate(cfg, params, prompts, max_new_tokens=20, speculative="mtp", draft_tokens=3, draft_vocab=ids)
+        assert out.tokens == plain, name
+        got = generate(cfg, params, prompts, max_new_tokens=20, stop_tokens=[stop], speculative="mtp",
+                       draft_tokens=3, draft_vocab=ids)
+        assert got.tokens == plain_stop, name
+        rates[name] = out.stats["acceptance_rate"]
+        start, _, _ = _speculative_programs(cfg, Sampling(), 3)
+        toks, seg, pos = _left_pad(prompts, 32)
+        P = toks.shape[1]
+        drafts = start(params, toks, seg, pos, init_cache(cfg, 3, P + 8), init_mtp_cache(cfg, 3, P + 8),
+                       jax.random.key(0), _heads(cfg, params, ids))[1]
+        assert np.isin(np.asarray(drafts), ids).all(), name
+    assert rates["none of them"] == 0 < rates["the model's tokens"]
+
+
+def test_speculative_sampling_with_a_draft_vocabulary_matches_the_model():
+    """Sampling with drafts restricted to half the vocabulary still samples the main model's distribution: the
+    first two tokens' joint against the full forward (chi-square, 3000 rows), with drafts rejected often."""
+    V = 8
+    cfg = small_cfg(vocab=V)
+    params = init_params(cfg, jax.random.key(5))
+    prompt, N = [1, 5, 2], 3000
+    out = generate(cfg, params, [prompt] * N, max_new_tokens=2, temperature=1.0, speculative="mtp",
+                   draft_tokens=1, draft_vocab=[6, 1, 3, 4], seed=11)
+    toks = np.array(out.tokens)
+    assert 0.05 < out.stats["acceptance_rate"] < 0.9
+    grid = np.array([prompt + [a] for a in range(V)])
+    probs = np.asarray(jax.nn.softmax(forward(cfg, params, grid), -1))  # [V, 4, V]
+    joint12 = probs[0, 2][:, None] * probs[:, 3]
+    counts12 = np.bincount(toks[:, 0] * V + toks[:, 1], minlength=V * V)
+    big = joint12.reshape(-1) * N >= 5
+    exp = np.append(joint12.reshape(-1)[big] * N, joint12.reshape(-1)[~big].sum() * N)
+    obs = np.append(counts12[big], counts12[~big].sum())
+    assert chi_square_pvalue(obs, exp) > 1e-3
+
+
+def test_frequent_ids_and_bad_draft_vocabularies():
+    from qwen35_jax import draft_vocab as dv
+    from qwen35_jax.errors import UserError
+
+    counts = dv.token_counts([[3, 3, 1, 4], [4, 3, 0]], 6)
+    np.testing.assert_array_equal(counts, [1, 1, 0, 3, 2, 0])
+    np.testing.assert_array_equal(dv.frequent_ids(counts, 4), [3, 4, 0, 1])  # ties by id
+    np.testing.assert_array_equal(dv.frequent_ids(counts, 3, always=[5]), [5, 3, 4])
+    assert dv.coverage(counts, [3, 4]) == 5 / 7
+    with pytest.raises(UserError, match="token list 1: id 9"):
+        dv.token_counts([[1], [9]], 6)
+    with pytest.raises(UserError, match="size 7 must be in 1..6"):
+        dv.frequent_ids(counts, 7)
+    cfg = small_cfg()
+    params = init_params(cfg, jax.random.key(0))
+    for ids, msg in (([1, 61], "token id 61 is outside"), ([2, 2], "repeat"), ([], "non-empty")):
+        with pytest.raises(UserError, match=msg):
+            generate(cfg, params, [[1, 2]], max_new_tokens=4, speculative="mtp", draft_vocab=ids)
+    with pytest.raises(UserError, match="needs speculative='mtp'"):
+        generate(cfg, params, [[1, 2]], max_new_tokens=4, draft_vocab=[1])

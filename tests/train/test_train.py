@@ -154,3 +154,23 @@ def test_generate_and_convert_restore_parameters_only_past_a_corrupt_newest(full
     assert "/checkpoints/12 is corrupt" in capsys.readouterr().out
     _, back = hf.load(tmp_path / "hf")
     assert all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(expected)))
+
+
+def test_generate_cli_with_a_draft_vocabulary_from_the_runs_data(full_run, capsys):
+    """`generate RUN --speculative mtp --draft-vocab N` counts token frequencies on the run's own training data,
+    drafts among the N most frequent tokens and prints the same ids as plain greedy decoding."""
+    from qwen35_jax.errors import run_cli
+    from qwen35_jax.generate_cli import generate_main
+
+    run_dir, _ = full_run
+    base = [str(run_dir), "--prompt-ids", "5,9,17,30", "--max-new-tokens", "12", "--print-ids"]
+    assert run_cli(lambda: generate_main(base)) == 0
+    plain = capsys.readouterr().out.strip().splitlines()[-1]
+    assert run_cli(lambda: generate_main(base + ["--speculative", "mtp", "--draft-tokens", "2",
+                                                 "--draft-vocab", "64"])) == 0
+    out = capsys.readouterr()
+    assert out.out.strip().splitlines()[-1] == plain
+    assert "draft vocabulary: 64 of 512 tokens" in out.err and "MTP acceptance" in out.err
+    assert run_cli(lambda: generate_main(base + ["--draft-vocab", "64"])) == 2
+    err = capsys.readouterr().err
+    assert "--draft-vocab restricts speculative drafts" in err and len(err.strip().splitlines()) == 1
