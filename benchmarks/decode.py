@@ -134,8 +134,7 @@ def run_draft_vocab(run_dir, tokenizer, vocab_size: int, size: int):
     --draft-vocab` picks them, and the share of the training tokens they cover."""
     from qwen35_jax import draft_vocab as dv
 
-    counts = dv.data_token_counts(dv.run_data_spec(run_dir), tokenizer, vocab_size)
-    ids = dv.frequent_ids(counts, size)
+    ids, counts = dv.pick(dv.run_data_spec(run_dir), tokenizer, vocab_size, size)
     return ids, dv.coverage(counts, ids)
 
 

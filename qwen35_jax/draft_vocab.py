@@ -61,6 +61,17 @@ def data_token_counts(spec, tokenizer, vocab_size: int, *, max_documents: int | 
                         vocab_size)
 
 
+MAX_DOCUMENTS = 20000  # `pick` counts over at most this many documents by default
+
+
+def pick(spec, tokenizer, vocab_size: int, size: int, *, always: Sequence[int] = (),
+         max_documents: int | None = MAX_DOCUMENTS) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, counts): the `size` most frequent ids of a data spec's documents (`data_token_counts`), with `always`
+    in, and the counts they were ranked by (for `coverage`). What `qwen35 generate --draft-vocab` uses."""
+    counts = data_token_counts(spec, tokenizer, vocab_size, max_documents=max_documents)
+    return frequent_ids(counts, size, always=always), counts
+
+
 def run_data_spec(run_dir):
     """The training data spec of a `qwen35 train` run directory (its config.json `data`)."""
     import json

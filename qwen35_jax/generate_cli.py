@@ -12,6 +12,7 @@ import sys
 import types
 
 from qwen35_jax import paths
+from qwen35_jax.draft_vocab import MAX_DOCUMENTS
 from qwen35_jax.errors import UserError
 
 
@@ -60,8 +61,8 @@ def _draft_vocab(args, cfg, tokenizer, stop):
     if args.speculative is None:
         raise UserError("--draft-vocab restricts speculative drafts: add --speculative mtp")
     spec = args.draft_vocab_data if args.draft_vocab_data is not None else dv.run_data_spec(args.source)
-    counts = dv.data_token_counts(spec, tokenizer, cfg.vocab_size, max_documents=args.draft_vocab_documents)
-    ids = dv.frequent_ids(counts, args.draft_vocab, always=stop)
+    ids, counts = dv.pick(spec, tokenizer, cfg.vocab_size, args.draft_vocab, always=stop,
+                          max_documents=args.draft_vocab_documents)
     print(f"draft vocabulary: {ids.size} of {cfg.vocab_size} tokens, {dv.coverage(counts, ids):.1%} of the "
           f"{int(counts.sum())} counted", file=sys.stderr)
     return ids
@@ -87,7 +88,7 @@ def generate_main(argv) -> int:
     parser.add_argument("--draft-vocab-data", default=None, metavar="SPEC",
                         help="data the frequencies are counted on (a data spec as in training: stdlib, a path, "
                              "YAML; default: a run directory's own training data)")
-    parser.add_argument("--draft-vocab-documents", type=int, default=20000,
+    parser.add_argument("--draft-vocab-documents", type=int, default=MAX_DOCUMENTS,
                         help="count over at most this many documents")
     parser.add_argument("--print-ids", action="store_true", help="print the generated ids as the last line")
     parser.add_argument("--image", action="append", default=[], metavar="PATH",

@@ -103,6 +103,14 @@ def remat_block(cfg, alone_in_scan: bool = False):
     return nn.remat(Block, **remat_kwargs(cfg, prevent_cse=not alone_in_scan))
 
 
+def head_logits(cfg: ModelConfig, h_BTD, w, d_axis: int):
+    """fp32 logits of hidden rows [..., D] against LM-head weights `w` whose axis `d_axis` is D ([V, D]: 1,
+    [D, V]: 0), in the compute dtype: the LM head, the draft head ([V', D]) and the verify head ([D, V])."""
+    dtype, _ = dtypes(cfg)
+    return jax.lax.dot_general(h_BTD.astype(dtype), w.astype(dtype), (((h_BTD.ndim - 1,), (d_axis,)), ((), ())),
+                               preferred_element_type=accum_dtype(dtype))
+
+
 class Group(nn.Module):
     """One period of the layer pattern; the unit that `nn.scan` repeats."""
 
@@ -196,10 +204,7 @@ class Qwen35(nn.Module):
         # interception would leak across calls
         tied = self.cfg.tie_word_embeddings
         w = self.embed_tokens.embedding if tied else self.lm_head
-        logits = jax.lax.dot_general(h_BTD.astype(dtype), w.astype(dtype), (((h_BTD.ndim - 1,), (1 if tied else 0,)),
-                                                                             ((), ())),
-                                     preferred_element_type=accum_dtype(dtype))
-        return constrain(logits, ("batch", "seq", "vocab"))
+        return constrain(head_logits(self.cfg, h_BTD, w, 1 if tied else 0), ("batch", "seq", "vocab"))
 
     def mtp_logits(self, h_BTD, next_tokens_BT, segment_ids_BT, positions_BT, cache=None, cache_index=None):
         """Logits for token t+2 at each position t (from h_t and token t+1), the MTP hidden state (fed back as h
@@ -397,11 +402,7 @@ def forward_cached(cfg: ModelConfig, params, tokens, cache, *, segment_ids=None,
 def _cached_run(model, tokens, seg, pos, layers, index, vision, logits_at, head_DV):
     h_BTD, _, layers = model.hidden(tokens, seg, pos, layers, index, vision)
     rows = _logit_rows(h_BTD, logits_at)
-    if head_DV is None:
-        return model.logits(rows), h_BTD, layers
-    dtype, _ = dtypes(model.cfg)
-    logits = jax.lax.dot_general(rows.astype(dtype), head_DV.astype(dtype), (((2,), (0,)), ((), ())),
-                                 preferred_element_type=accum_dtype(dtype))
+    logits = model.logits(rows) if head_DV is None else head_logits(model.cfg, rows, head_DV, 0)
     return logits, h_BTD, layers
 
 
@@ -462,11 +463,7 @@ def mtp_forward_cached(cfg: ModelConfig, params, hidden, next_tokens, cache, *, 
     def run(model, hidden, next_tokens, seg, pos, layer, index):
         u_BTD, _, layer = model.mtp_hidden(hidden, next_tokens, seg, pos, layer, index)
         rows = _logit_rows(u_BTD, logits_at)
-        if head_VD is None:
-            return model.logits(rows), u_BTD, layer
-        dtype, _ = dtypes(cfg)
-        logits = jax.lax.dot_general(rows.astype(dtype), head_VD.astype(dtype), (((2,), (1,)), ((), ())),
-                                     preferred_element_type=accum_dtype(dtype))
+        logits = model.logits(rows) if head_VD is None else head_logits(cfg, rows, head_VD, 1)
         return logits, u_BTD, layer
 
     logits, u, layer = module_for(cfg).apply({"params": params}, hidden, next_tokens, seg, pos, cache["layer"],
