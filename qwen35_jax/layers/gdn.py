@@ -122,12 +122,12 @@ class GatedDeltaNet(nn.Module):
         kernel_KC = param(self, "conv1d", conv_init, (cfg.gdn_conv_kernel, cfg.gdn_conv_dim), param_dtype,
                           ("conv", "heads"))
         if cache is None:
-            conv_BTC = conv_per_shard(qkv_BTC.astype(f32), kernel_KC.astype(f32), segment_ids_BT)
+            qkv_BTC = conv_per_shard(qkv_BTC, kernel_KC, segment_ids_BT, accum=f32, activation=jax.nn.silu)
         else:  # continue from the last K-1 pre-conv columns of this sequence
             checkpoints = cache["state"].ndim == 5  # per-position layout: continue from the last checkpoint
             conv_BTC, new_conv = conv_continue(cache["conv"], qkv_BTC.astype(f32), kernel_KC.astype(f32),
                                                segment_ids_BT, checkpoints)
-        qkv_BTC = jax.nn.silu(conv_BTC).astype(dtype)
+            qkv_BTC = jax.nn.silu(conv_BTC).astype(dtype)
         q_BTHK = qkv_BTC[..., : Hk * dk].reshape(B, T, Hk, dk)
         k_BTHK = qkv_BTC[..., Hk * dk: 2 * Hk * dk].reshape(B, T, Hk, dk)
         v_BTHV = qkv_BTC[..., 2 * Hk * dk:].reshape(B, T, Hv, dv)

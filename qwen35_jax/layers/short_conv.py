@@ -47,21 +47,29 @@ def last_valid_columns(window_BWC, segment_ids_BT, n: int):
     return jax.vmap(take)(window_BWC, trailing)
 
 
-def conv_per_shard(x_BTC, kernel_KC, segment_ids_BT):
-    """`causal_depthwise_conv`; with the sequence split over devices, each first receives the last K-1 columns (and
-    their segment ids) of the previous device's slice (the first device: zeros, i.e. nothing before the start)."""
+def conv_per_shard(x_BTC, kernel_KC, segment_ids_BT, *, accum=jnp.float32, activation=None):
+    """`activation(causal_depthwise_conv(x, kernel))` accumulated in `accum` and rounded once to x's dtype; with the
+    sequence split over devices, each first receives the last K-1 columns (and their segment ids) of the previous
+    device's slice (the first device: zeros, i.e. nothing before the start). The upcast, the conv and the
+    activation run inside the per-device function, so only x's dtype crosses the `shard_map` boundary (both ways
+    in the backward)."""
+
+    def conv(x, w, seg):
+        out = causal_depthwise_conv(x.astype(accum), w.astype(accum), seg)
+        return (out if activation is None else activation(out)).astype(x.dtype)
+
     n = sequence_shards(x_BTC.shape[1])
     if n == 1 or x_BTC.shape[1] // n < kernel_KC.shape[0] - 1:  # no split, or slices shorter than the history
-        return causal_depthwise_conv(x_BTC, kernel_KC, segment_ids_BT)  # (e.g. an 8-token init): XLA partitions it
+        return conv(x_BTC, kernel_KC, segment_ids_BT)  # (e.g. an 8-token init): XLA partitions it
 
     def local(x, w, seg, *, axis_name):
         halo = w.shape[0] - 1
         if axis_name is None or halo == 0:
-            return (causal_depthwise_conv(x, w, seg),)
+            return (conv(x, w, seg),)
         n = jax.lax.axis_size(axis_name)
         prev = lambda a: jax.lax.ppermute(a[:, -halo:], axis_name, [(i, i + 1) for i in range(n - 1)])  # noqa: E731
         xs, segs = jnp.concatenate([prev(x), x], axis=1), jnp.concatenate([prev(seg), seg], axis=1)
-        return (causal_depthwise_conv(xs, w, segs)[:, halo:],)
+        return (conv(xs, w, segs)[:, halo:],)
 
     (out,) = shard_sequence(local, (x_BTC, kernel_KC, segment_ids_BT), (_ROWS + (None,), (None, None), _ROWS),
                             (_ROWS + (None,),))
@@ -101,7 +109,7 @@ class ShortConv(nn.Module):
                       name="in_proj")(x_BTD)
         kernel_KD = param(self, "conv1d", conv_init, (K, D), param_dtype, ("conv", None)).astype(f32)
         if cache is None:
-            conv_BTD = conv_per_shard(x_BTD.astype(f32), kernel_KD, segment_ids_BT)
+            conv_BTD = conv_per_shard(x_BTD, kernel_KD, segment_ids_BT, accum=f32)
         else:
             conv_BTD, window = conv_continue(cache["state"], x_BTD.astype(f32), kernel_KD, segment_ids_BT,
                                              cache["state"].ndim == 4)
