@@ -215,7 +215,7 @@ class Qwen35(nn.Module):
     def mtp_hidden(self, h_BTD, next_tokens_BT, segment_ids_BT, positions_BT, cache=None, cache_index=None):
         """The MTP hidden state before the LM head, router stats, MTP cache (see `mtp_logits`)."""
         dtype, _ = dtypes(self.cfg)
-        emb = self.embed_tokens(next_tokens_BT).astype(accum_dtype(dtype))
+        emb = constrain(self.embed_tokens(next_tokens_BT).astype(accum_dtype(dtype)), ("batch", "seq", "embed"))
         return self.mtp(emb, h_BTD, segment_ids_BT, positions_BT, cache, cache_index)
 
     def __call__(self, tokens_BT, segment_ids_BT, positions_BT, cache=None, cache_index=None, mtp_tokens_BT=None,
