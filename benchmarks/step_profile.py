@@ -20,7 +20,6 @@ import json
 import re
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -28,12 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
-from benchmarks.bench_small import make_loss  # noqa: E402
+from benchmarks.bench_small import adamw, make_loss, train_step_fn  # noqa: E402
 from benchmarks.common import (add_load_arguments, environment, load_guard, load_line, machine_record,  # noqa: E402
-                               markdown_table, write_json)
+                               markdown_table, median_time, write_json)
 from qwen35_jax import init_params, load_config  # noqa: E402
+from qwen35_jax.schema import parse_overrides  # noqa: E402
 
 RUNTIME_EVENTS = ("ThunkExecutor", "SlinkyThreadPool", "PjitFunction", "$")
 
@@ -81,42 +80,27 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     guard = load_guard(args)
 
-    overrides = {}
-    for kv in args.overrides:
-        key, _, value = kv.partition("=")
-        overrides[key] = json.loads(value) if value[:1] in "[{0123456789-tf" else value
+    overrides = parse_overrides(args.overrides)
     cfg = load_config(args.model, **overrides)
     params = init_params(cfg, jax.random.key(0))
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.seq),
                                                            dtype=np.int32))
-    loss_fn = make_loss(cfg, True)
-    opt = optax.adamw(3e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1)
-
-    def step(p, s, t):
-        loss, g = jax.value_and_grad(loss_fn)(p, t)
-        updates, s = opt.update(g, s, p)
-        return optax.apply_updates(p, updates), s, loss
-
-    fn = jax.jit(step, donate_argnums=(0, 1))
-    state = opt.init(params)
-    compiled = fn.lower(params, state, tokens).compile()
+    opt = adamw()
+    fn = train_step_fn(make_loss(cfg, True), opt)
+    state = {"params": params, "opt": opt.init(params)}
+    compiled = fn.lower(state["params"], state["opt"], tokens).compile()
     op_names = {m.group(1): m.group(2) for m in re.finditer(r'^\s*(?:ROOT )?%([\w.\-]+) = .*?op_name="([^"]*)"',
                                                             compiled.as_text(), re.M)}
-    for _ in range(3):
-        params, state, loss = fn(params, state, tokens)
-        loss.block_until_ready()
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        params, state, loss = fn(params, state, tokens)
-        loss.block_until_ready()
-        times.append(time.perf_counter() - t0)
-    wall_ms = 1e3 * sorted(times)[2]
+
+    def step():
+        state["params"], state["opt"], loss = fn(state["params"], state["opt"], tokens)
+        return loss
+
+    wall_ms = 1e3 * median_time(step, warmup=3, steps=5)["median_s"]
     with tempfile.TemporaryDirectory() as trace_dir:
         jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
         for _ in range(args.steps):
-            params, state, loss = fn(params, state, tokens)
-            loss.block_until_ready()
+            step().block_until_ready()
         jax.profiler.stop_trace()
         events = json.load(gzip.open(glob.glob(f"{trace_dir}/**/*perfetto_trace.json.gz", recursive=True)[0]))
     events = events["traceEvents"] if isinstance(events, dict) else events
