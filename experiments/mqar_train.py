@@ -1,6 +1,9 @@
 """MQAR training: a small self-contained AdamW loop on `qwen35_jax.forward`, scored by test accuracy.
 
-The loss is the cross entropy at the scored value positions only (zoology's convention). The learning rate is an
+The loss is the cross entropy at the scored value positions only (zoology's convention), and the LM head runs at
+those positions only: a row scores at most T / 4 queries (`mqar` allows no more pairs), so the [B, T, D] hidden
+states are gathered to [B, T / 4, D] rows before the head; with zoology's 8192-token vocabulary the head over every
+position was most of a step. The learning rate is an
 argument of the jitted step rather than a constant in it, so every learning rate of a variant and sequence length
 reuses one compiled program. The host hands over `LOG_EVERY` steps' batches at once and one compiled call runs them
 as a `lax.scan` (no host round trip, dispatch or loss transfer per step: the per-step overhead dominated at these
@@ -20,12 +23,25 @@ from tqdm.auto import tqdm
 
 from experiments.mqar import SCORES, mqar, mqar_scores
 from qwen35_jax.config import ModelConfig
-from qwen35_jax.model import forward, init_params
+from qwen35_jax.model import forward, init_params, lm_head
 from qwen35_jax.train.config import OptimConfig
 from qwen35_jax.train.optimizer import decay_mask, schedule
 
 TEST_SEED_OFFSET = 1_000_003  # test rows come from another stream than training rows
 LOG_EVERY = 10  # steps per compiled call, and per point of the loss curve
+
+
+def scored_rows(mask_BT):
+    """[B, T / 4] positions that hold every scored position of each row (in order), then unscored ones as filler."""
+    order_BT = jnp.argsort(-mask_BT, axis=1, stable=True)
+    return order_BT[:, : max(1, mask_BT.shape[1] // 4)]
+
+
+def scored_logits(cfg: ModelConfig, params, tokens_BT, mask_BT):
+    """(fp32 logits [B, P, V] at the positions `scored_rows` picks, those positions [B, P])."""
+    h_BTD = forward(cfg, params, tokens_BT, logits=False)
+    at_BP = scored_rows(mask_BT)
+    return lm_head(cfg, params, jnp.take_along_axis(h_BTD, at_BP[..., None], axis=1)), at_BP
 
 
 def masked_cross_entropy(logits_BTV, targets_BT, mask_BT):
@@ -38,8 +54,9 @@ def masked_cross_entropy(logits_BTV, targets_BT, mask_BT):
 @functools.lru_cache(maxsize=8)
 def programs(cfg: ModelConfig, steps: int, warmup_steps: int, weight_decay: float, clip_norm: float,
              lr_schedule: str):
-    """(init, steps, logits) jitted functions; `steps(state, batches, lr)` applies AdamW (the peak lr an input) once
-    per leading index of `batches` (each leaf [K, B, T]) and returns the K losses.
+    """(init, steps, predict) jitted functions; `steps(state, batches, lr)` applies AdamW (the peak lr an input) once
+    per leading index of `batches` (each leaf [K, B, T]) and returns the K losses; `predict(params, tokens, loss_mask)`
+    is the argmax [B, T] at the scored positions (-1 elsewhere).
 
     AdamW is written out as clip -> Adam scaling -> decoupled weight decay -> schedule shape, then scaled by -lr:
     the same update as `optax.adamw(lr * shape)`.
@@ -59,8 +76,9 @@ def programs(cfg: ModelConfig, steps: int, warmup_steps: int, weight_decay: floa
         return {"params": params, "opt_state": tx.init(params)}
 
     def loss_fn(params, batch):
-        logits = forward(cfg, params, batch["tokens"])
-        return masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
+        logits_BPV, at_BP = scored_logits(cfg, params, batch["tokens"], batch["loss_mask"])
+        pick = functools.partial(jnp.take_along_axis, indices=at_BP, axis=1)
+        return masked_cross_entropy(logits_BPV, pick(batch["targets"]), pick(batch["loss_mask"]))
 
     def step(state, batch, lr):
         loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch)
@@ -71,10 +89,16 @@ def programs(cfg: ModelConfig, steps: int, warmup_steps: int, weight_decay: floa
     def steps(state, batches, lr):
         return jax.lax.scan(lambda st, batch: step(st, batch, lr), state, batches)
 
-    return jax.jit(init), jax.jit(steps, donate_argnums=0), jax.jit(lambda p, t: forward(cfg, p, t))
+    def predict(params, tokens_BT, mask_BT):  # argmax at the scored positions, -1 elsewhere
+        logits_BPV, at_BP = scored_logits(cfg, params, tokens_BT, mask_BT)
+        rows = jnp.arange(tokens_BT.shape[0])[:, None]
+        pred_BP = jnp.where(jnp.take_along_axis(mask_BT, at_BP, axis=1) > 0, jnp.argmax(logits_BPV, -1), -1)
+        return jnp.full(tokens_BT.shape, -1, jnp.int32).at[rows, at_BP].set(pred_BP.astype(jnp.int32))
+
+    return jax.jit(init), jax.jit(steps, donate_argnums=0), jax.jit(predict)
 
 
-def evaluate(logits_fn, params, data: dict, batch_size: int) -> dict[str, float]:
+def evaluate(predict_fn, params, data: dict, batch_size: int) -> dict[str, float]:
     """`mqar_scores` (accuracy, value_in_context) over all rows, in chunks of `batch_size` (the last chunk padded with
     unscored rows)."""
     n = len(data["tokens"])
@@ -86,10 +110,10 @@ def evaluate(logits_fn, params, data: dict, batch_size: int) -> dict[str, float]
             pad = {k: np.repeat(v[-1:], batch_size - rows, 0) for k, v in chunk.items()}
             pad["loss_mask"] = np.zeros_like(pad["loss_mask"])
             chunk = {k: np.concatenate([v, pad[k]]) for k, v in chunk.items()}
-        logits = np.asarray(logits_fn(params, chunk["tokens"]))
+        pred = np.asarray(predict_fn(params, chunk["tokens"], chunk["loss_mask"]))
         mask_sum = float(chunk["loss_mask"].sum())
         if mask_sum:
-            for name, value in mqar_scores(logits, chunk).items():
+            for name, value in mqar_scores(pred, chunk).items():
                 totals[name] += value * mask_sum
             scored += mask_sum
     return {name: total / scored if scored else float("nan") for name, total in totals.items()}
@@ -115,7 +139,7 @@ def train_mqar(cfg: ModelConfig, *, seq_len: int, lr: float, settings: dict, see
                             random_non_queries=s["random_non_queries"])
     train = _training_rows(gen, s["train_examples"], seq_len, s.get("train_kv_pairs"), seed)
     test = gen(s["test_examples"], seq_len, seed=seed + TEST_SEED_OFFSET)
-    init, steps_fn, logits_fn = programs(cfg, s["steps"], s["warmup_steps"], s["weight_decay"], s["clip_norm"],
+    init, steps_fn, predict_fn = programs(cfg, s["steps"], s["warmup_steps"], s["weight_decay"], s["clip_norm"],
                                          s["lr_schedule"])
     state = init(jax.random.key(seed))  # the same initial weights for every learning rate
     rng = np.random.default_rng(seed)
@@ -149,11 +173,11 @@ def train_mqar(cfg: ModelConfig, *, seq_len: int, lr: float, settings: dict, see
         bar.set_postfix(loss=f"{recent:.3f}", refresh=False)
     bar.close()
     train_s = time.perf_counter() - t0
-    scores = evaluate(logits_fn, state["params"], test, s["eval_batch_size"])
+    scores = evaluate(predict_fn, state["params"], test, s["eval_batch_size"])
     final_loss = curve[-1][1] if curve else float("nan")
     metrics = {**scores, "train_loss": final_loss,
                "tokens_per_s": timed_steps * B * seq_len / train_s if timed_steps else float("nan")}
     return {"metrics": metrics, "train_loss": curve}
 
 
-__all__ = ["train_mqar", "masked_cross_entropy", "programs", "evaluate", "LOG_EVERY"]
+__all__ = ["train_mqar", "masked_cross_entropy", "scored_rows", "programs", "evaluate", "LOG_EVERY"]

@@ -71,14 +71,14 @@ def test_value_in_context_is_the_plateau_diagnostic(batch):
     first_value = batch["tokens"][:, 1]  # k1 v1 ...: the row's first value
     logits = np.zeros((200, T, V), np.float32)
     logits[rows, cols, first_value[rows]] = 1.0
-    scores = mqar_scores(logits, batch)
+    scores = mqar_scores(logits.argmax(-1), batch)
     assert scores["accuracy"] == pytest.approx(1 / P) and scores["value_in_context"] == 1.0
     logits[:] = 0.0
     other = np.roll(batch["tokens"][:, 1], 1)[rows]
     logits[rows, cols, other] = 1.0
     own_values = [set(batch["tokens"][n, 1:2 * P:2]) for n in range(200)]
     expected = np.mean([o in own_values[n] for n, o in zip(rows, other)])
-    assert mqar_scores(logits, batch)["value_in_context"] == pytest.approx(expected)
+    assert mqar_scores(logits.argmax(-1), batch)["value_in_context"] == pytest.approx(expected)
 
 
 def test_training_rows_mix_pair_counts():
@@ -98,3 +98,51 @@ def test_training_rows_mix_pair_counts():
         np.testing.assert_array_equal(rows[k], again[k])
     np.testing.assert_array_equal(_training_rows(gen, 10, T, None, seed=5)["tokens"],
                                   mqar(10, T, vocab_size=V, num_kv_pairs=P, seed=5)["tokens"])
+
+
+def test_training_loss_and_predictions_use_the_head_at_scored_positions_only():
+    """The training step's loss (the LM head run on the gathered [B, T / 4] scored rows only) is the float64 cross
+    entropy of `forward`'s full logits at every scored position, and `predict` is their argmax there (-1 elsewhere),
+    also for rows with fewer scored positions than T / 4 (a pair-count mix)."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from experiments.mqar_train import _training_rows, programs
+    from qwen35_jax import load_config
+    from qwen35_jax.model import forward
+
+    cfg = load_config("tiny").replace(vocab_size=V, hidden_size=32, num_layers=2, layer_pattern=("conv", "gdn"),
+                                      num_experts=0, intermediate_size=64, mtp_num_layers=0, scan_layers=False)
+    gen = functools.partial(mqar, vocab_size=V, num_kv_pairs=P)
+    data = _training_rows(gen, 6, T, [3, 8, 16], seed=1)  # 3, 8 and 16 (= T / 4) scored positions per row
+    init, steps, predict = programs(cfg, 10, 2, 0.0, 0.0, "cosine")
+    state = init(jax.random.key(0))
+    logits = np.asarray(forward(cfg, state["params"], jnp.asarray(data["tokens"])), np.float64)
+    mask = data["loss_mask"] > 0
+    rows, cols = np.nonzero(mask)
+    z = logits[rows, cols]
+    ce = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1) - z[np.arange(len(z)),
+                                                                              data["targets"][rows, cols]]
+    pred = np.asarray(predict(state["params"], jnp.asarray(data["tokens"]), jnp.asarray(data["loss_mask"])))
+    np.testing.assert_array_equal(pred[mask], logits.argmax(-1)[mask])
+    assert (pred[~mask] == -1).all()
+    _, losses = steps(state, {k: jnp.asarray(v)[None] for k, v in data.items()}, jnp.float32(0.0))
+    np.testing.assert_allclose(float(losses[0]), ce.mean(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_sampling_in_row_draws_is_one_sort_of_one_draw(weighted):
+    """The partitioned draw in row blocks selects what one Gumbel draw of every row, sorted whole, selects (the
+    recorded data sets stay the same numbers)."""
+    from experiments.mqar import _sample_without_replacement
+
+    n, k, size = 37, 50, 9
+    log_p = np.log(np.arange(1, k + 1, dtype=np.float64) ** -0.99) if weighted else None
+    scores = np.random.default_rng(11).gumbel(size=(n, k)) + (0 if log_p is None else log_p)
+    expected = np.argsort(-scores, axis=1, kind="stable")[:, :size]
+    got = _sample_without_replacement(np.random.default_rng(11), n, k, size, log_p, rows_per_draw=8)
+    np.testing.assert_array_equal(got, expected)
+    whole = _sample_without_replacement(np.random.default_rng(11), n, k, k, log_p, rows_per_draw=8)
+    np.testing.assert_array_equal(whole, np.argsort(-scores, axis=1, kind="stable"))
