@@ -56,7 +56,8 @@ def solve_unit_lower(A, Rs):
 
     The forward forms the inverse once by `unit_lower_inverse`; the backward is two matmuls per right-hand side
     (dR = (I + A)^-T dY, dA = -tril(dR Y^T, -1), summed) rather than autodiff through the inverse's log-depth
-    slices and concatenations, which was most of the chunked rule's backward on CPU.
+    slices, concatenations and per-level products (about a quarter of the op's forward+backward time on CPU at
+    chunk 64 before this; benchmarks/README.md, GDN_OP).
     """
     return _solve_fwd(A, Rs)[0]
 
