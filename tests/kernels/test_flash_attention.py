@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.flash_attention import blocked_attention, flash_attention, reference_attention, resolve_impl
+from pallas_kernels.flash_attention.dense import dense_attention
 
 
 def make_inputs(B, T, S, H, G, K, seed=0):
@@ -50,6 +51,31 @@ def test_blocked_matches_float64_reference(window, offset, T, bq, bk):
         blk = jax.jit(lambda q, k, v, off: blocked_attention(q, k, v, qseg, seg, q_offset=off, sliding_window=window,
                                                              block_q=bq, block_k=bk))
         got, got_g = blk(q, k, v, offset), grads(lambda *a: blk(*a, offset), q, k, v, w)
+    assert max_rel(got, want) < 1e-12
+    for a, b in zip(got_g, want_g):
+        assert max_rel(a, b) < 1e-12
+
+
+@pytest.mark.parametrize("window, offset, T, bq", [
+    (0, 0, 53, 16),     # causal skipping, blocks that do not divide T
+    (7, 0, 53, 8),      # sliding window narrower than a block: keys before the window skipped as well
+    (20, 0, 53, 8),     # window wider than a block
+    (0, 24, 21, 8),     # local queries 24..44 against all 53 keys (static offset: blocks skip keys past 24 + t1)
+    (9, 32, 21, 4),     # both
+])
+def test_dense_blocks_match_float64_reference(window, offset, T, bq):
+    """The dense path's query blocks (keys outside each block's causal and window bounds skipped) against the
+    float64 reference over the whole matrix, values and gradients."""
+    S = 53
+    seg = packed(2, S)
+    q, k, v, w = make_inputs(2, S, S, 4, 2, 8, seed=3)
+    q, w, qseg = q[:, offset:offset + T], w[:, offset:offset + T], seg[:, offset:offset + T]
+    with jax.enable_x64(True):
+        ref = lambda q, k, v: reference_attention(q, k, v, qseg, seg, q_offset=offset, sliding_window=window)  # noqa: E731
+        dense = jax.jit(lambda q, k, v: dense_attention(q, k, v, qseg, seg, q_offset=offset, sliding_window=window,
+                                                        block_q=bq))
+        want, want_g = ref(q, k, v), grads(ref, q, k, v, w)
+        got, got_g = dense(q, k, v), grads(dense, q, k, v, w)
     assert max_rel(got, want) < 1e-12
     for a, b in zip(got_g, want_g):
         assert max_rel(a, b) < 1e-12
