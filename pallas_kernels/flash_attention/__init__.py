@@ -52,4 +52,5 @@ def flash_attention(q_BTHK, k_BSGK, v_BSGK, q_segment_ids_BT, kv_segment_ids_BS,
                             sliding_window=sliding_window, kernel=kernel, interpret=interpret)
 
 
-__all__ = ["flash_attention", "blocked_attention", "dense_attention", "reference_attention", "mask_BTS", "resolve_impl", "IMPLS"]
+__all__ = ["flash_attention", "blocked_attention", "dense_attention", "reference_attention", "mask_BTS", "resolve_impl",
+           "IMPLS"]

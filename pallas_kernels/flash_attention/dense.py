@@ -6,7 +6,9 @@ window and 4 blocks that is 10/16 of the [T, S] scores, exps and their gradients
 On this CPU at BENCH_SMALL's attention shapes (4 x 512 tokens, 4 query and 2 kv heads of 64, fp32, two idle
 cores) the forward took 12-14 ms at 32-128-row blocks against 41 ms for the whole matrix, forward+backward 34-38 ms
 against 63 ms (128 rows: 14.3 / 34.0). A hand-written backward (dV = P^T dO, dS = P (dP - rowsum(dO O)), ...) was
-slower than autodiff's at every block size (on one core 88-118 ms against 64-70) and was not kept. Values and gradients are tested against the float64 reference.
+slower than autodiff's at every block size (on one core 88-118 ms against 64-70) and was not kept. Values and
+gradients are tested against the float64 reference. The block bounds are `blocked._key_range`'s, in keys rather than
+key blocks and as Python ints (static slices).
 """
 
 from __future__ import annotations

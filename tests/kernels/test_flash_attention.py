@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.flash_attention import blocked_attention, flash_attention, reference_attention, resolve_impl
-from pallas_kernels.flash_attention.dense import dense_attention
+from pallas_kernels.flash_attention import (blocked_attention, dense_attention, flash_attention, reference_attention,
+                                            resolve_impl)
 
 
 def make_inputs(B, T, S, H, G, K, seed=0):
