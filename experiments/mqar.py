@@ -95,6 +95,20 @@ def mqar_scores(pred, batch) -> dict[str, float]:
     return {"accuracy": float((pred == targets)[mask].mean()), "value_in_context": float(in_row[mask].mean())}
 
 
+def recall_step(curve, num_kv_pairs: int) -> float:
+    """The first logged step at which the training loss on the answers is below half of ln(num_kv_pairs): the right
+    value then has probability above 1 / sqrt(pairs) on average, which no answer drawn from the row's values
+    without recall reaches (that plateau sits at ln(pairs) and above). NaN if the run never gets there.
+
+    `curve` is the run's `[(step, loss), ...]`. At this budget a cell's accuracy is largely set by when its seed
+    leaves the plateau (experiments/README.md (a4)); this step puts that on the record beside the accuracy.
+    """
+    if num_kv_pairs < 2:
+        raise ValueError(f"recall_step needs at least 2 key-value pairs per row, got {num_kv_pairs}")
+    threshold = 0.5 * np.log(num_kv_pairs)
+    return next((float(step) for step, loss in curve if loss < threshold), float("nan"))
+
+
 def mqar_accuracy(logits, batch) -> float:
     """Share of scored positions (`loss_mask`) where argmax(logits [N, T, V]) equals the target value."""
     return mqar_scores(np.asarray(logits).argmax(-1), batch)["accuracy"]

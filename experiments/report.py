@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from experiments.lm_run import read_curve
+from experiments.mqar import recall_step
 
 CSV_COLUMNS = ("experiment", "task", "variant", "params", "state_size", "lr", "seed", "metric", "value")
 MAIN_METRIC = {"mqar": ("accuracy", True), "lm": ("val_loss", False)}  # name, higher is better
@@ -48,11 +49,18 @@ def setting_names(results: list[dict]) -> dict[tuple[int, int], str]:
     return {(t, p): f"T={t}" + (f",kv={p}" if lengths.count(t) > 1 else "") for t, p in keys}
 
 
+def run_metrics(task: str, r: dict) -> dict[str, float]:
+    """A run's recorded metrics, and for MQAR `recall_step` (`mqar.recall_step` of its training curve)."""
+    if task != "mqar" or not r.get("train_loss") or setting(r)[1] < 2:
+        return dict(r["metrics"])
+    return {**r["metrics"], "recall_step": recall_step(r["train_loss"], setting(r)[1])}
+
+
 def csv_rows(experiment: str, task: str, results: list[dict], profiles: list[dict]) -> list[dict]:
     rows = []
     names = setting_names(results)
     for r in results:
-        for name, value in r["metrics"].items():
+        for name, value in run_metrics(task, r).items():
             metric = f"{name}@{names[setting(r)]}" if task == "mqar" else name
             rows.append({"experiment": experiment, "task": task, "variant": r["label"], "params": r["params"],
                          "state_size": r["state_size"], "lr": r["lr"], "seed": r.get("seed", 0), "metric": metric,
@@ -102,6 +110,13 @@ def _mean_metric(runs: list[dict], key: str) -> float:
     return sum(r["metrics"].get(key, float("nan")) for r in runs) / len(runs)
 
 
+def _recall_cell(task: str, runs: list[dict]) -> str:
+    """"2,450 (3/3)": the mean recall step over the seeds (best runs) that got there, and how many did."""
+    steps = [run_metrics(task, r).get("recall_step", float("nan")) for r in runs]
+    got = [x for x in steps if not math.isnan(x)]
+    return f"{_fmt(sum(got) / len(got), 0) if got else '-'} ({len(got)}/{len(steps)})"
+
+
 def _spread(agg: dict, digits: int = 4) -> str:
     """"0.9120" for one seed, "0.9120 [0.8800, 0.9510] (3)" for several: mean [min, max] (seeds)."""
     if len(agg["values"]) == 1:
@@ -132,13 +147,17 @@ def markdown(experiment: str, task: str, results: list[dict], profiles: list[dic
             lines.append(f"| {label} | {params:,} | " + " | ".join(cells) + " |")
         lines += ["", "## Per setting", "",
                   "value in context: the share of answers that are one of the row's values, right or wrong; near 1 "
-                  "with accuracy near 1/pairs is the plateau before recall forms.", "",
-                  "| variant | T | pairs | state size (floats) | accuracy | value in context | best lr |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+                  "with accuracy near 1/pairs is the plateau before recall forms. recall from step: the first step "
+                  "at which the training loss is below ln(pairs) / 2 (`mqar.recall_step`), the mean over the seeds "
+                  "that got there (how many of them did); at a fixed budget a later step leaves less training after "
+                  "it.", "",
+                  "| variant | T | pairs | state size (floats) | accuracy | value in context | recall from step "
+                  "| best lr |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for (label, (t, pairs)), a in sorted(agg.items(), key=lambda kv: (labels.index(kv[0][0]), kv[0][1])):
             vic = _mean_metric(a["runs"], "value_in_context")
             lines.append(f"| {label} | {t} | {pairs} | {a['runs'][0]['state_size']:,} | {_spread(a)} | {_fmt(vic)} "
-                         f"| {lrs_of(a)} |")
+                         f"| {_recall_cell(task, a['runs'])} | {lrs_of(a)} |")
     else:
         lines += ["## Validation loss, best over learning rates", "",
                   "| variant | params | state size (floats) | val loss | best lr | attention-sink share | tokens/s |",
@@ -275,5 +294,5 @@ def write_report(out_dir: Path, experiment: str, task: str, results: list[dict],
     return [csv_path, md_path] + plots(out_dir, task, results, profiles)
 
 
-__all__ = ["write_report", "csv_rows", "markdown", "plots", "best_over_lrs", "over_seeds", "setting", "setting_names",
+__all__ = ["write_report", "csv_rows", "run_metrics", "markdown", "plots", "best_over_lrs", "over_seeds", "setting", "setting_names",
            "CSV_COLUMNS"]

@@ -41,8 +41,11 @@ def test_micro_mqar_sweep_writes_results_and_resumes(tmp_path, capsys, monkeypat
     profiled = {(r["variant"], r["metric"]) for r in rows if r["lr"] == ""}
     assert ("linear", "compiled_memory_bytes@T=32") in profiled and ("attention", "train_tokens_per_s@T=32") in profiled
 
+    recall = [r for r in rows if r["metric"] == "recall_step@T=32"]  # from each run's curve: a step or NaN
+    assert len(recall) == 4 and all(r["value"] == "nan" or 0 < float(r["value"]) <= 6 for r in recall)
     md = (out / "results.md").read_text()
     assert "| attention |" in md and "| linear |" in md and "4 of 4 runs finished" in md
+    assert "recall from step" in md
     for name in ("mqar_accuracy_vs_state_size.png", "mqar_loss_curves.png", "throughput_vs_seq_len.png",
                  "memory_vs_seq_len.png"):
         assert (out / name).stat().st_size > 1000, name

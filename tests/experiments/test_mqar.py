@@ -4,7 +4,7 @@ determinism, and the accuracy metric."""
 import numpy as np
 import pytest
 
-from experiments.mqar import IGNORE, mqar, mqar_accuracy, mqar_scores
+from experiments.mqar import IGNORE, mqar, mqar_accuracy, mqar_scores, recall_step
 
 V, T, P = 128, 64, 8
 
@@ -79,6 +79,18 @@ def test_value_in_context_is_the_plateau_diagnostic(batch):
     own_values = [set(batch["tokens"][n, 1:2 * P:2]) for n in range(200)]
     expected = np.mean([o in own_values[n] for n, o in zip(rows, other)])
     assert mqar_scores(logits.argmax(-1), batch)["value_in_context"] == pytest.approx(expected)
+
+
+def test_recall_step_is_where_the_loss_beats_one_over_root_pairs():
+    """The plateau (uniform over the row's values, loss ln P) never counts; the first logged step whose loss is
+    below -ln(1 / sqrt(P)) (the right value's probability above 1 / sqrt(P)) does."""
+    pairs = 16
+    plateau, threshold = -np.log(1 / pairs), -np.log(1 / np.sqrt(pairs))
+    curve = [(10, 5.5), (20, plateau), (30, threshold + 1e-6), (40, threshold - 1e-6), (50, 0.1)]
+    assert recall_step(curve, pairs) == 40
+    assert np.isnan(recall_step(curve[:3], pairs))
+    with pytest.raises(ValueError, match="2 key-value pairs"):
+        recall_step(curve, 1)
 
 
 def test_training_rows_mix_pair_counts():
