@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from experiments.mqar import IGNORE, mqar, mqar_accuracy, mqar_scores, recall_step
+from experiments.report import run_metrics
 
 V, T, P = 128, 64, 8
 
@@ -91,6 +92,10 @@ def test_recall_step_is_where_the_loss_beats_one_over_root_pairs():
     assert np.isnan(recall_step(curve[:3], pairs))
     with pytest.raises(ValueError, match="2 key-value pairs"):
         recall_step(curve, 1)
+    run = {"metrics": {"accuracy": 0.5}, "seq_len": 64, "train_loss": curve, "spec": {"settings": {"num_kv_pairs": 16}}}
+    assert run_metrics("mqar", run) == {"accuracy": 0.5, "recall_step": 40.0}
+    run["spec"]["settings"]["train_kv_pairs"] = [8, 16]  # rows of several counts: no one threshold, no step
+    assert run_metrics("mqar", run) == {"accuracy": 0.5}
 
 
 def test_training_rows_mix_pair_counts():
