@@ -24,12 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.mqar import recall_step
+from experiments.report import run_metrics, setting
 
 
 def load_points(dirs, size: str | None, variants) -> list[tuple[str, float, float]]:
-    """(variant, recall step, accuracy) of every recorded run of `variants` (and `size`, if given) in `dirs` that
-    reached recall; all runs must share one (sequence length, pairs) setting."""
+    """(variant, recall step, accuracy) of every recorded run of `variants` (and `size`, if given) in `dirs` with a
+    recall step in the reports' sense (`report.run_metrics`); all runs must share one (sequence length, pairs)
+    setting."""
     points, settings = [], set()
     for d in dirs:
         paths = sorted(Path(d).glob("runs/*/result.json"))
@@ -39,12 +40,10 @@ def load_points(dirs, size: str | None, variants) -> list[tuple[str, float, floa
             r = json.loads(path.read_text())
             if r.get("task") != "mqar" or r["variant"] not in variants or (size and r.get("size") != size):
                 continue
-            pairs = int(r["spec"]["settings"]["num_kv_pairs"])
-            settings.add((r["seq_len"], pairs))
-            acc = next(v for k, v in r["metrics"].items() if k == "accuracy" or k.startswith("accuracy@"))
-            step = recall_step(r["train_loss"], pairs)
+            settings.add(setting(r))
+            step = run_metrics("mqar", r).get("recall_step", math.nan)  # the reports' recall step, or none
             if not math.isnan(step):
-                points.append((r["variant"], step, float(acc)))
+                points.append((r["variant"], step, float(r["metrics"]["accuracy"])))
     if len(settings) > 1:
         raise ValueError(f"runs from several settings (sequence length, pairs): {sorted(settings)}; pick one --size "
                          "or fewer directories")
@@ -61,7 +60,8 @@ def fit(points: list[tuple[str, float, float]]) -> dict:
     y = np.array([acc for _, _, acc in points])
     coef, *_ = np.linalg.lstsq(X, y, rcond=None)
     resid = y - X @ coef
-    cov = float(resid @ resid) / (len(y) - X.shape[1]) * np.linalg.pinv(X.T @ X)
+    var = float(resid @ resid) / (len(y) - X.shape[1])
+    cov = var * np.linalg.pinv(X.T @ X)
     at = float(X[:, -1].mean())
     out = {}
     for i, v in enumerate(variants):
@@ -69,7 +69,7 @@ def fit(points: list[tuple[str, float, float]]) -> dict:
         e[i], e[-1] = 1.0, at
         out[v] = (float(e @ coef), math.sqrt(max(float(e @ cov @ e), 0.0)), sum(p[0] == v for p in points))
     return {"slope": float(coef[-1]), "slope_se": math.sqrt(max(float(cov[-1, -1]), 0.0)), "at": 1000 * at,
-            "residual_sd": math.sqrt(float(resid @ resid) / (len(y) - X.shape[1])), "variants": out}
+            "residual_sd": math.sqrt(var), "variants": out}
 
 
 def main(argv=None) -> int:

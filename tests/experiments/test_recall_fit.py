@@ -24,11 +24,11 @@ def test_fit_recovers_known_intercepts_and_slope():
         fit(points[::4])  # one run per variant: no residual left
 
 
-def _run(path, variant, pairs, curve, acc, seq_len=128):
+def _run(path, variant, pairs, curve, acc, seq_len=128, train_kv_pairs=None):
     path.mkdir(parents=True)
     (path / "result.json").write_text(json.dumps({
         "task": "mqar", "variant": variant, "size": "d32", "seq_len": seq_len, "metrics": {"accuracy": acc},
-        "train_loss": curve, "spec": {"settings": {"num_kv_pairs": pairs}}}))
+        "train_loss": curve, "spec": {"settings": {"num_kv_pairs": pairs, "train_kv_pairs": train_kv_pairs}}}))
 
 
 def test_points_are_the_runs_that_reached_recall(tmp_path, capsys):
@@ -37,6 +37,7 @@ def test_points_are_the_runs_that_reached_recall(tmp_path, capsys):
     _run(tmp_path / "runs" / "x1", "x", 16, [[10, 4.0], [20, 3.0]], 0.1)  # never: left out
     _run(tmp_path / "runs" / "y0", "y", 16, crossed, 0.8)
     _run(tmp_path / "runs" / "z0", "z", 16, crossed, 0.8)  # not asked for
+    _run(tmp_path / "runs" / "x2", "x", 16, crossed, 0.5, train_kv_pairs=[8, 16])  # a pair-count mix: no step
     assert sorted(load_points([tmp_path], "d32", ["x", "y"])) == [("x", 20.0, 0.9), ("y", 20.0, 0.8)]
     _run(tmp_path / "runs" / "y1", "y", 8, crossed, 0.8)
     with pytest.raises(ValueError, match="several settings"):
