@@ -100,6 +100,10 @@ class ModelConfig:
     tie_word_embeddings: bool = True  # the LM head is the transposed embedding
     max_position_embeddings: int = 262144  # longest sequence the model is meant for
     initializer_range: float = 0.02  # std of the normal init of matrices
+    # the residual branches' output projections (o_proj, out_proj, down_proj, the experts' down_proj) start at
+    # initializer_range x this; GPT-2's 1 / sqrt(2 x num_layers) keeps the residual stream's scale at init flat in
+    # depth; 0 starts every branch at zero
+    output_init_scale: float = 1.0
     mrope_section: tuple[int, ...] = (11, 11, 10)  # multimodal RoPE sections (temporal, height, width)
     rope_scaling: RopeScaling | None = None  # YaRN ({rope_type: yarn, factor: 4, ...}); null: plain RoPE
     # Multi-token prediction.
@@ -252,6 +256,8 @@ def validate(cfg: ModelConfig) -> None:
              f"rope_scaling.original_max_position_embeddings must be positive, got "
              f"{rs.original_max_position_embeddings}")
     need(cfg.mtp_num_layers in (0, 1), f"mtp_num_layers={cfg.mtp_num_layers}: the released design has 0 or 1")
+    need(cfg.initializer_range > 0, f"initializer_range must be positive, got {cfg.initializer_range}")
+    need(cfg.output_init_scale >= 0, f"output_init_scale must be >= 0, got {cfg.output_init_scale}")
     need(cfg.capacity_factor >= 0, f"capacity_factor must be >= 0, got {cfg.capacity_factor}")
     need(cfg.moe_token_chunks >= 1, f"moe_token_chunks must be >= 1, got {cfg.moe_token_chunks}")
 

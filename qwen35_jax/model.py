@@ -90,7 +90,7 @@ class Block(nn.Module):
         if ffn == "moe":
             return MoE(cfg, name="ffn")(x_BTD, token_mask_BT=segment_ids_BT != 0)
         return SwiGLU(cfg.hidden_size, cfg.intermediate_size, dtype, param_dtype, cfg.initializer_range,
-                      name="ffn")(x_BTD), None
+                      cfg.initializer_range * cfg.output_init_scale, name="ffn")(x_BTD), None
 
 
 def remat_block(cfg, alone_in_scan: bool = False):

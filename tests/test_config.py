@@ -77,6 +77,8 @@ def test_overrides_and_patterns():
     ({"mlp_only_layers": "all"}, r"key 'mlp_only_layers' must be a list, got 'all'"),
     ({"bos_token_id": "x"}, r"key 'bos_token_id' must be an integer or null, got 'x'"),
     ({"tie_word_embeddings": "yes"}, r"must be true/false"),
+    ({"output_init_scale": -0.5}, r"output_init_scale must be >= 0, got -0.5"),
+    ({"initializer_range": 0}, r"initializer_range must be positive, got 0"),
 ])
 def test_validation_errors_are_one_line(overrides, message):
     with pytest.raises(ConfigError, match=message) as e:

@@ -113,3 +113,28 @@ def test_token_range_error():
     params = init_params(cfg, jax.random.key(0))
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 61\).*max 61"):
         forward(cfg, params, np.array([[1, 61]]))
+
+
+def test_output_init_scale_scales_only_the_residual_branch_outputs():
+    """Every o_proj / out_proj / down_proj (dense, shared expert, routed experts) starts at initializer_range x
+    output_init_scale; every other parameter is the same draw as at scale 1."""
+    cfg = small_cfg(layer_pattern="GGGA", mlp_only_layers=[1])
+    base = jax.tree_util.tree_flatten_with_path(init_params(cfg, jax.random.key(3)))[0]
+    half = jax.tree_util.tree_flatten_with_path(init_params(small_cfg(layer_pattern="GGGA", mlp_only_layers=[1],
+                                                                      output_init_scale=0.5), jax.random.key(3)))[0]
+    outputs = ("o_proj", "out_proj", "down_proj")
+    scaled = set()
+    for (path, a), (path2, b) in zip(base, half):
+        name = jax.tree_util.keystr(path)
+        assert name == jax.tree_util.keystr(path2)
+        if any(f"'{o}'" in name for o in outputs):
+            scaled.add("/".join([k.key for k in path if k.key != "kernel"][-2:]))  # parent/name
+            np.testing.assert_allclose(np.asarray(b), 0.5 * np.asarray(a), rtol=1e-6, err_msg=name)
+            assert np.std(np.asarray(a)) > 0
+        else:
+            np.testing.assert_array_equal(np.asarray(b), np.asarray(a), err_msg=name)
+    assert scaled == {"mixer/o_proj", "mixer/out_proj", "ffn/down_proj", "shared_expert/down_proj"}  # experts: ffn
+    zero = init_params(small_cfg(output_init_scale=0.0), jax.random.key(3))
+    leaves = jax.tree_util.tree_flatten_with_path(zero)[0]
+    assert all(not np.any(np.asarray(v)) for p, v in leaves if any(f"'{o}'" in jax.tree_util.keystr(p)
+                                                                   for o in outputs))

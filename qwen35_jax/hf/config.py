@@ -246,7 +246,7 @@ def config_to_hf(cfg: ModelConfig, *, vision_language: bool = False, vision_conf
 # Fields that only choose how we run (implementation, compilation, precision), never what the model computes.
 RUNTIME_FIELDS = {"name", "gdn_chunk_size", "gdn_impl", "moe_impl", "scan_layers", "remat", "remat_scope",
                   "moe_token_chunks", "param_dtype", "dtype",
-                  "capacity_factor", "router_aux_loss_coef", "initializer_range", "bos_token_id", "eos_token_id",
+                  "capacity_factor", "router_aux_loss_coef", "initializer_range", "output_init_scale", "bos_token_id", "eos_token_id",
                   "pad_token_id", "max_position_embeddings"}
 
 

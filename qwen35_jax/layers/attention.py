@@ -144,7 +144,8 @@ class GatedAttention(nn.Module):
             out_BTHK, probs = out if return_probs else (out, None)
         if W:
             out_BTHK = out_BTHK * jax.nn.sigmoid(gate)
-        y = proj(cfg.hidden_size, ("heads", "embed"), "o_proj")(out_BTHK.reshape(B, T, H * K).astype(dtype))
+        y = dense(cfg.hidden_size, ("heads", "embed"), dtype=dtype, param_dtype=param_dtype, name="o_proj",
+                  std=cfg.initializer_range * cfg.output_init_scale)(out_BTHK.reshape(B, T, H * K).astype(dtype))
         if return_probs:
             self.sow("intermediates", "attn_probs", probs)
         return y if cache is None else (y, cache)

@@ -157,7 +157,8 @@ class GatedDeltaNet(nn.Module):
                                      output_final_state=True)
             cache = {"conv": new_conv, "state": state}
         y_BTHV = GatedRMSNorm(cfg.rms_norm_eps, param_dtype, name="norm")(o_BTHV.astype(dtype), z_BTHV)
-        y = proj(cfg.hidden_size, ("heads", "embed"), "out_proj")(y_BTHV.reshape(B, T, Hv * dv))
+        y = dense(cfg.hidden_size, ("heads", "embed"), dtype=dtype, param_dtype=param_dtype, name="out_proj",
+                  std=cfg.initializer_range * cfg.output_init_scale)(y_BTHV.reshape(B, T, Hv * dv))
         return y if cache is None else (y, cache)
 
     @staticmethod

@@ -13,6 +13,7 @@ class SwiGLU(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     init_std: float = 0.02
+    out_std: float | None = None  # down_proj's init std; None: init_std
 
     @nn.compact
     def __call__(self, x_BTD):
@@ -20,7 +21,9 @@ class SwiGLU(nn.Module):
                                            std=self.init_std, name=name)
         F = self.intermediate_size
         h = jax.nn.silu(proj(F, ("embed", "mlp"), "gate_proj")(x_BTD)) * proj(F, ("embed", "mlp"), "up_proj")(x_BTD)
-        return proj(self.hidden_size, ("mlp", "embed"), "down_proj")(h)
+        out_std = self.init_std if self.out_std is None else self.out_std
+        return dense(self.hidden_size, ("mlp", "embed"), dtype=self.dtype, param_dtype=self.param_dtype, std=out_std,
+                     name="down_proj")(h)
 
     @staticmethod
     def num_params(hidden_size: int, intermediate_size: int) -> int:

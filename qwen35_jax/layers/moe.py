@@ -181,7 +181,8 @@ class MoE(nn.Module):
         probs_NE, weights_NK, experts_NK = route(logits_NE, cfg.experts_per_token, cfg.norm_topk_prob)
         stats = router_stats(logits_NE, probs_NE, experts_NK, token_mask_BT.reshape(-1))
         w_gate_up = param(self, "gate_up_proj", init, (E, D, 2 * F), param_dtype, ("expert", "embed", "mlp"))
-        w_down = param(self, "down_proj", init, (E, F, D), param_dtype, ("expert", "mlp", "embed"))
+        w_down = param(self, "down_proj", dense_init(cfg.initializer_range * cfg.output_init_scale), (E, F, D),
+                       param_dtype, ("expert", "mlp", "embed"))
         w_gate_up, w_down = w_gate_up.astype(dtype), w_down.astype(dtype)
         fp8 = gmm_fp8_args()
         args = (x_ND, weights_NK.astype(dtype), experts_NK, w_gate_up, w_down)
@@ -203,7 +204,7 @@ class MoE(nn.Module):
                 y_ND = in_token_chunks(local, chunks)(*args)
         if cfg.shared_expert_intermediate_size:
             shared = SwiGLU(D, cfg.shared_expert_intermediate_size, dtype, param_dtype, cfg.initializer_range,
-                            name="shared_expert")(x_ND)
+                            cfg.initializer_range * cfg.output_init_scale, name="shared_expert")(x_ND)
             w_sg = param(self, "shared_expert_gate", init, (D, 1), param_dtype, ("embed", None))
             y_ND = y_ND + jax.nn.sigmoid(jnp.dot(x_ND, w_sg.astype(dtype))) * shared
         return y_ND.reshape(B, T, D), stats
