@@ -100,10 +100,8 @@ class ModelConfig:
     tie_word_embeddings: bool = True  # the LM head is the transposed embedding
     max_position_embeddings: int = 262144  # longest sequence the model is meant for
     initializer_range: float = 0.02  # std of the normal init of matrices
-    # the residual branches' output projections (o_proj, out_proj, down_proj, the experts' down_proj) start at
-    # initializer_range x this; GPT-2's 1 / sqrt(2 x num_layers) keeps the residual stream's scale at init flat in
-    # depth; 0 starts every branch at zero
-    output_init_scale: float = 1.0
+    # GPT-2's 1 / sqrt(2 x num_layers) keeps the residual stream's scale at init flat in depth
+    output_init_scale: float = 1.0  # o_proj / out_proj / down_proj (experts too) start at initializer_range x this
     mrope_section: tuple[int, ...] = (11, 11, 10)  # multimodal RoPE sections (temporal, height, width)
     rope_scaling: RopeScaling | None = None  # YaRN ({rope_type: yarn, factor: 4, ...}); null: plain RoPE
     # Multi-token prediction.
