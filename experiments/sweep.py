@@ -120,7 +120,35 @@ def resolve_path(config: str) -> Path:
 
 def _read(config: str, overrides) -> tuple[dict, str]:
     path = resolve_path(config)
-    return apply_overrides(read_yaml_mapping(path, "sweep keys"), overrides), str(path)
+    return apply_overrides(_with_base(path, ()), overrides), str(path)
+
+
+def _with_base(path: Path, seen: tuple) -> dict:
+    """The file's mapping; with `base: SWEEP` (a name under configs/ablate/ or a path), the base sweep's mapping with
+    this file's keys merged over it: mappings key by key, recursively, any other value replaced. A file with a base
+    names its own `experiment`, and writes to its own out_dir (experiments/results/EXPERIMENT unless it sets one)."""
+    data = read_yaml_mapping(path, "sweep keys")
+    if "base" not in data:
+        return data
+    data = dict(data)
+    base = data.pop("base")
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: key 'base' must be a sweep name or YAML path, got {base!r}")
+    base_path = resolve_path(base)
+    if base_path.resolve() in seen + (path.resolve(),):
+        raise ConfigError(f"{path}: key 'base': {base!r} leads back to this file")
+    if "experiment" not in data:
+        raise ConfigError(f"{path}: key 'experiment' is required with 'base' (else it would write {base!r}'s results)")
+    merged = _merge({k: v for k, v in _with_base(base_path, seen + (path.resolve(),)).items() if k != "out_dir"},
+                    data)
+    return merged
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+    return out
 
 
 def load_sweep_config(config: str, overrides=()) -> SweepConfig:

@@ -233,3 +233,28 @@ def test_every_recorded_results_directory_is_rebuilt_by_the_command_it_names(res
     for path in recorded:
         assert path.parent.name in runs, f"{path}: not a run of `qwen35 ablate {produced.group(1)}`"
         assert finished(sweep, runs[path.parent.name]) is not None
+
+
+def test_a_sweep_file_with_a_base_is_the_base_with_its_keys_merged_over(tmp_path):
+    """`base: SWEEP`: mappings merge key by key (variants, the task section), other values replace, and the
+    file writes to its own experiment's folder; a missing experiment, a cycle and a bad base are one-line errors."""
+    child = tmp_path / "child.yaml"
+    child.write_text("base: micro\nexperiment: child\nvariants: {linear: {layer_pattern: L, initializer_range: 0.1}}\n"
+                     "lrs: [1e-2]\nmqar: {steps: 4}\n")
+    sweep = load_sweep(str(child))
+    same = load_sweep("micro", ["experiment=child", "out_dir=experiments/results/child", "lrs=[1e-2]", "mqar.steps=4",
+                                "variants={attention: F, linear: {layer_pattern: L, initializer_range: 0.1}}"])
+    assert [(r.run_id, r.spec) for r in sweep.runs] == [(r.run_id, r.spec) for r in same.runs]
+    assert sweep.out_dir == same.out_dir and sweep.settings == same.settings
+    assert sweep.settings["vocab_size"] == 64 and sweep.settings["steps"] == 4  # merged, not replaced
+    assert load_sweep(str(child), ["mqar.steps=5"]).settings["steps"] == 5  # overrides apply after the merge
+    for text, message in [
+        ("base: micro\nlrs: [1e-2]\n", r"child.yaml: key 'experiment' is required with 'base'"),
+        (f"base: {child}\nexperiment: loop\n", r"child.yaml: key 'base': .* leads back to this file"),
+        ("base: [micro]\nexperiment: x\n", r"child.yaml: key 'base' must be a sweep name or YAML path"),
+        ("base: micrp\nexperiment: x\n", r"unknown sweep 'micrp' \(did you mean 'micro'\?\)"),
+    ]:
+        child.write_text(text)
+        with pytest.raises(ConfigError, match=message) as e:
+            load_sweep(str(child))
+        assert "\n" not in str(e.value)
