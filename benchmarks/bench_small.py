@@ -396,9 +396,11 @@ def main(argv=None) -> int:
         rows.append([name, f"{1e3 * e['ours']['median_s']:.0f}", f"{1e3 * e['peer']['median_s']:.0f}",
                      f"{e['ours']['tokens_per_s']:.0f}", f"{e['peer']['tokens_per_s']:.0f}",
                      f"{e['ratio']:.2f}x", f"{e['cpu_ratio']:.2f}x", f"{e['ours']['model_gflops']:.1f}",
-                     f"{100 * e['ours']['mfu']:.1f}%", f"{100 * e['peer']['mfu']:.1f}%"])
+                     f"{100 * e['ours']['mfu']:.1f}%", f"{100 * e['peer']['mfu']:.1f}%",
+                     f"{e['ours']['median_page_faults']:,.0f}", f"{e['peer']['median_page_faults']:,.0f}"])
     print(markdown_table(["measure", "ours ms", "peer ms", "ours tok/s", "peer tok/s", "ours/peer (wall)",
-                          "ours/peer (CPU s)", "ours model GFLOP/s", "ours MFU", "peer MFU"], rows))
+                          "ours/peer (CPU s)", "ours model GFLOP/s", "ours MFU", "peer MFU", "ours page faults",
+                          "peer page faults"], rows))
     print(load_line(guard))
     print(f"\nMFU = flops_per_token({T}) = {flops_per_token / 1e6:.2f} MFLOP x tokens/s over the measured fp32 "
           f"matmul peak, {peak_gflops:.1f} GFLOP/s ({args.matmul_n}^3 jnp.dot, best of 7; median "

@@ -83,26 +83,37 @@ def block(x):
     return x
 
 
-def time_call(fn: Callable[[], object]) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) for one call of `fn`, waiting for jax results to be ready.
+def _minor_faults() -> int:
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def time_call(fn: Callable[[], object]) -> tuple[float, float, int]:
+    """(wall seconds, process CPU seconds, minor page faults) for one call of `fn`, waiting for jax results.
 
     CPU seconds count every thread of this process: on a machine shared with other jobs they measure the work done,
-    while wall time also counts the time other processes held the cores.
+    while wall time also counts the time other processes held the cores. Page faults count first touches of
+    memory the allocator got fresh from the kernel (benchmarks/README.md, "Host allocator").
     """
-    c0, t0 = time.process_time(), time.perf_counter()
+    f0, c0, t0 = _minor_faults(), time.process_time(), time.perf_counter()
     block(fn())
-    return time.perf_counter() - t0, time.process_time() - c0
+    return time.perf_counter() - t0, time.process_time() - c0, _minor_faults() - f0
 
 
-def _summary(pairs) -> dict:
-    wall = [w for w, _ in pairs]
-    cpu = [c for _, c in pairs]
+def _summary(calls) -> dict:
+    wall = [w for w, _, _ in calls]
+    cpu = [c for _, c, _ in calls]
+    faults = [f for _, _, f in calls]
     return {"median_s": statistics.median(wall), "times_s": wall, "median_cpu_s": statistics.median(cpu),
-            "cpu_s": cpu}
+            "cpu_s": cpu, "median_page_faults": statistics.median(faults), "page_faults": faults}
 
 
 def median_time(fn: Callable[[], object], *, warmup: int = 1, steps: int = 5) -> dict:
-    """{"median_s", "times_s", "median_cpu_s", "cpu_s"}: `warmup` untimed calls, then `steps` timed ones."""
+    """{"median_s", "times_s", "median_cpu_s", "cpu_s", "median_page_faults", "page_faults"}: `warmup` untimed
+    calls, then `steps` timed ones."""
     for _ in range(warmup):
         block(fn())
     return _summary([time_call(fn) for _ in range(steps)])
@@ -111,7 +122,7 @@ def median_time(fn: Callable[[], object], *, warmup: int = 1, steps: int = 5) ->
 def interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 1, steps: int = 5) -> dict[str, dict]:
     """Times several contenders in alternation (a, b, a, b, ...) after `warmup` rounds of each.
 
-    Returns {name: {"median_s", "times_s", "median_cpu_s", "cpu_s"}}; entry i of each name comes from the same
+    Returns {name: `median_time`'s record}; entry i of each name comes from the same
     round, so per-round ratios (`paired_ratio`) cancel slow drifts in machine load.
     """
     for _ in range(warmup):
