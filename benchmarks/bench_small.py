@@ -36,7 +36,7 @@ import optax  # noqa: E402
 from benchmarks.common import (add_load_arguments, environment, interleaved, load_guard, load_line,  # noqa: E402
                                machine_record, markdown_table, matmul_peak_gflops, paired_ratio, write_json)
 from qwen35_jax import forward, hf, init_params, load_config  # noqa: E402
-from qwen35_jax.model import lm_head  # noqa: E402
+from qwen35_jax.model import head_logits, lm_head  # noqa: E402
 from qwen35_jax.train.losses import head_loss_sums  # noqa: E402
 
 GOAL = 1.5  # issue 14: train step and forward+backward tokens/s, ours over transformers, idle machine
@@ -289,10 +289,11 @@ def profile_components(cfg, params, tokens_np, peer, warmup: int, steps: int) ->
                       torch_pair(hf_layers[0].mlp.experts, lambda xin: ((xin.reshape(-1, D), t_idx, t_w), {}))))
     # Final norm + LM head + cross-entropy (input: the last hidden state).
     tok = jnp.asarray(tokens_np)
-    w_head = params["lm_head"] if not cfg.tie_word_embeddings else params["embed_tokens"]["embedding"].T
+    tied = cfg.tie_word_embeddings
+    w_head = params["embed_tokens"]["embedding"] if tied else params["lm_head"]
 
-    def head_loss(w, h):
-        logits = h[:, :-1] @ w
+    def head_loss(w, h):  # the model's head matmul, as `forward` and the trainer form the logits
+        logits = head_logits(cfg, h[:, :-1], w, 1 if tied else 0)
         lse = jax.nn.logsumexp(logits, -1)
         return jnp.mean(lse - jnp.take_along_axis(logits, tok[:, 1:, None], -1)[..., 0]) * jnp.ones_like(h)
 
