@@ -287,15 +287,15 @@ def profile_components(cfg, params, tokens_np, peer, warmup: int, steps: int) ->
         comps.append(("  routed experts (gmm)", n_moe,
                       jax_pair(experts, {"gate_up_proj": p_ffn["gate_up_proj"], "down_proj": p_ffn["down_proj"]}),
                       torch_pair(hf_layers[0].mlp.experts, lambda xin: ((xin.reshape(-1, D), t_idx, t_w), {}))))
-    # Final norm + LM head + cross-entropy (input: the last hidden state).
+    # LM head + cross-entropy (input: the final-normed hidden state), through the trainer's own head and loss.
     tok = jnp.asarray(tokens_np)
     tied = cfg.tie_word_embeddings
     w_head = params["embed_tokens"]["embedding"] if tied else params["lm_head"]
+    head_mask = jnp.ones((B, T - 1), bool)
 
-    def head_loss(w, h):  # the model's head matmul, as `forward` and the trainer form the logits
-        logits = head_logits(cfg, h[:, :-1], w, 1 if tied else 0)
-        lse = jax.nn.logsumexp(logits, -1)
-        return jnp.mean(lse - jnp.take_along_axis(logits, tok[:, 1:, None], -1)[..., 0]) * jnp.ones_like(h)
+    def head_loss(w, h):
+        ce_sum, _ = head_loss_sums(lambda x: head_logits(cfg, x, w, 1 if tied else 0), h[:, :-1], tok[:, 1:], head_mask)
+        return ce_sum / head_mask.size * jnp.ones_like(h)
 
     ids = torch.from_numpy(tokens_np).long()
 
