@@ -80,6 +80,9 @@ class ModelConfig:
     gdn_conv_kernel: int = 4  # taps of the causal depthwise conv before q, k, v
     gdn_chunk_size: int = 64  # chunk length of the chunked delta rule (a power of two)
     gdn_impl: Literal["auto", "xla", "pallas", "recurrent"] = "auto"  # delta-rule kernel; auto: pallas on TPU
+    gdn_qk_l2norm: bool = field(
+        True, doc="unit-norm q and k before the state update (Qwen3.5; the delta rule needs it); false: linear and "
+                  "gla without it, as GLA, Mamba2 and classic linear attention run")
     gdn_dt_init_range: tuple[float, float] = field(
         (1e-3, 1e-1), doc="init only: softplus(dt_bias) log-uniform in [lo, hi] (Mamba2/fla); the per-token decay "
                           "rate at init is exp(A_log) * dt")
@@ -245,6 +248,9 @@ def validate(cfg: ModelConfig) -> None:
     for i in cfg.mlp_only_layers:
         need(0 <= i < cfg.num_layers, f"mlp_only_layers names layer {i}, outside [0, {cfg.num_layers})")
     need(cfg.gdn_conv_kernel >= 1, "gdn_conv_kernel must be >= 1")
+    delta = sorted({"gdn", "deltanet"} & set(cfg.layer_pattern))
+    need(cfg.gdn_qk_l2norm or not delta, f"gdn_qk_l2norm=false with delta-rule mixers {delta}: the delta rule's "
+                                         "update is stable only for unit keys (false is for linear and gla)")
     dt = cfg.gdn_dt_init_range
     need(len(dt) == 2 and 0 < dt[0] <= dt[1], f"gdn_dt_init_range={list(dt)} must be [lo, hi] with 0 < lo <= hi")
     rs = cfg.rope_scaling

@@ -204,10 +204,11 @@ def rope_to_hf(cfg: ModelConfig) -> dict:
 def config_to_hf(cfg: ModelConfig, *, vision_language: bool = False, vision_config: dict | None = None) -> dict:
     """The config.json of a text-only checkpoint, or (`vision_language`) of the VL wrapper releases ship."""
     bad = [m for m in cfg.layer_pattern if m not in ("gdn", "attn")]
-    if bad or cfg.attn_output_gate != "elementwise" or cfg.sliding_window or not cfg.attn_qk_norm:
+    if (bad or cfg.attn_output_gate != "elementwise" or cfg.sliding_window or not cfg.attn_qk_norm
+            or not cfg.gdn_qk_l2norm):
         raise CheckpointError(f"config {cfg.name!r} is an ablation variant (mixers {sorted(set(bad))}, gate "
-                              f"{cfg.attn_output_gate!r}, window {cfg.sliding_window}, qk norm {cfg.attn_qk_norm}); "
-                              "Qwen3.5 checkpoints cannot express it")
+                              f"{cfg.attn_output_gate!r}, window {cfg.sliding_window}, qk norm {cfg.attn_qk_norm}, "
+                              f"linear-attention qk l2norm {cfg.gdn_qk_l2norm}); Qwen3.5 checkpoints cannot express it")
     model_type, arch = EXPORT[cfg.family]
     d = {
         "architectures": [arch], "model_type": model_type, "vocab_size": cfg.vocab_size,

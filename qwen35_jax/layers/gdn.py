@@ -9,7 +9,8 @@ One module: projections, causal depthwise conv + SiLU, L2-normalised q and k, th
 with g = -exp(A_log) softplus(a + dt_bias) and beta = sigmoid(b); a switch that is off drops its parameters
 (`in_proj_a`, `A_log`, `dt_bias` / `in_proj_b`). Plain linear attention has no `q . sum(k)` denominator (unstable,
 "The Devil in Linear Transformer"): the L2 norm and the output RMSNorm fix the scale, as flash-linear-attention's
-`LinearAttention` with an output norm.
+`LinearAttention` with an output norm. `gdn_qk_l2norm: false` drops the q/k L2 norm for the decay-only and plain
+members (as GLA, Mamba2 and classic linear attention run; the delta rule refuses it: it is stable only for unit keys).
 
 The state updates come from `pallas_kernels` (`gated_delta_rule`: chunked XLA on CPU/GPU, Pallas on TPU;
 `gated_linear_attention`: chunked XLA); this module owns the projections and the per-document handling: padded
@@ -35,6 +36,7 @@ from pallas_kernels.gated_linear_attention import (chunk_gated_linear_attention,
 from qwen35_jax.layers.common import accum_dtype, dense, dtypes, param
 from qwen35_jax.layers.norms import GatedRMSNorm
 from qwen35_jax.layers.short_conv import conv_continue, conv_init, conv_per_shard
+from qwen35_jax.schema import ConfigError
 from qwen35_jax.sharding import sequence_shards, shard_sequence
 
 
@@ -62,7 +64,7 @@ def rule_per_shard(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, segment_ids_BT, cfg,
     impl = cfg.gdn_impl
     if impl == "auto":  # the decay-only and plain updates have only the chunked XLA form
         impl = default_impl() if delta else "xla"
-    rule = chunked_rule(delta, impl, use_qk_l2norm=True, chunk_size=cfg.gdn_chunk_size)
+    rule = chunked_rule(delta, impl, use_qk_l2norm=cfg.gdn_qk_l2norm, chunk_size=cfg.gdn_chunk_size)
 
     def local(q, k, v, g, beta, seg, *, axis_name):
         if axis_name is None:
@@ -106,6 +108,9 @@ class GatedDeltaNet(nn.Module):
     @nn.compact
     def __call__(self, x_BTD, *, segment_ids_BT, positions_BT=None, cache=None, cache_index=None):
         cfg = self.cfg
+        if self.delta and not cfg.gdn_qk_l2norm:
+            raise ConfigError(f"model config {cfg.name!r}: gdn_qk_l2norm=false with a delta-rule mixer: the delta "
+                              "rule's update is stable only for unit keys")
         dtype, param_dtype = dtypes(cfg)
         B, T, _ = x_BTD.shape
         Hk, Hv, dk, dv = cfg.gdn_num_key_heads, cfg.gdn_num_value_heads, cfg.gdn_key_dim, cfg.gdn_value_dim
@@ -149,10 +154,10 @@ class GatedDeltaNet(nn.Module):
                 states = (recurrent_gated_delta_rule_states if self.delta
                           else _without_beta(recurrent_gated_linear_attention_states))
                 o_BTHV, state = states(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, initial_state=cache["state"][:, -1],
-                                       use_qk_l2norm=True)
+                                       use_qk_l2norm=cfg.gdn_qk_l2norm)
             else:
                 impl = "recurrent" if T <= DECODE_RECURRENT_MAX else cfg.gdn_impl
-                rule = chunked_rule(self.delta, impl, use_qk_l2norm=True, chunk_size=cfg.gdn_chunk_size)
+                rule = chunked_rule(self.delta, impl, use_qk_l2norm=cfg.gdn_qk_l2norm, chunk_size=cfg.gdn_chunk_size)
                 o_BTHV, state = rule(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, initial_state=cache["state"],
                                      output_final_state=True)
             cache = {"conv": new_conv, "state": state}

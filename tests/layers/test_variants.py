@@ -303,3 +303,66 @@ def test_attention_without_qk_norm_is_an_ablation_switch():
     assert not np.allclose(run(x, seg, pos), y_off, atol=1e-4)  # the same projections, unnormalised q and k
     with pytest.raises(CheckpointError, match="qk norm False"):
         config_to_hf(load_config("tiny", attn_qk_norm=False))
+
+
+@pytest.mark.parametrize("name", ["linear", "gla"])
+def test_qk_l2norm_switch_for_the_additive_members(name):
+    """`gdn_qk_l2norm: false` (the decay-only and plain members as GLA, Mamba2 and classic linear attention run):
+    the same parameters and another output, equal to the layer written out independently in float64 (projections,
+    conv + SiLU, the per-token update on raw q and k, gated RMSNorm, out_proj); decode continues the prefill. The
+    delta-rule members and the HF export refuse it."""
+    from qwen35_jax.hf import CheckpointError
+    from qwen35_jax.hf.config import config_to_hf
+    from qwen35_jax.schema import ConfigError
+
+    cfg, off = tiny(layer_pattern="LM"), tiny(layer_pattern="LM", gdn_qk_l2norm=False)
+    T = 21
+    x = jax.random.normal(jax.random.key(3), (2, T, cfg.hidden_size))
+    ones = jnp.ones((2, T), jnp.int32)
+    params = random_params(MIXERS[name](cfg).init, x, segment_ids_BT=ones)
+    assert jax.tree.structure(params) == jax.tree.structure(random_params(MIXERS[name](off).init, x,
+                                                                          segment_ids_BT=ones))
+    on_y = jax.jit(MIXERS[name](cfg).apply)(params, x, segment_ids_BT=ones)
+    off_y = jax.jit(MIXERS[name](off).apply)(params, x, segment_ids_BT=ones)
+    assert not np.allclose(on_y, off_y, atol=1e-3)
+    # an independent path: the state update written out per token in float64 on the module's own q, k, v, g, z
+    p = params["params"]
+    f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    xs = f64(x)
+    qkv = xs @ f64(p["in_proj_qkv"]["kernel"])
+    K = cfg.gdn_conv_kernel
+    w = f64(p["conv1d"])
+    pad = np.concatenate([np.zeros((2, K - 1, qkv.shape[-1])), qkv], 1)
+    conv = sum(pad[:, i:i + T] * w[i] for i in range(K))
+    conv = conv / (1 + np.exp(-conv))
+    Hk, Hv, dk, dv = cfg.gdn_num_key_heads, cfg.gdn_num_value_heads, cfg.gdn_key_dim, cfg.gdn_value_dim
+    q = conv[..., :Hk * dk].reshape(2, T, Hk, dk).repeat(Hv // Hk, 2) * dk ** -0.5
+    k = conv[..., Hk * dk:2 * Hk * dk].reshape(2, T, Hk, dk).repeat(Hv // Hk, 2)
+    v = conv[..., 2 * Hk * dk:].reshape(2, T, Hv, dv)
+    g = np.zeros((2, T, Hv))
+    if name == "gla":
+        a = xs @ f64(p["in_proj_a"]["kernel"])
+        sp = np.log1p(np.exp(a + f64(p["dt_bias"])))
+        g = -np.exp(f64(p["A_log"])) * sp
+    S, o = np.zeros((2, Hv, dk, dv)), np.zeros((2, T, Hv, dv))
+    for t in range(T):
+        S = np.exp(g[:, t])[..., None, None] * S + k[:, t, :, :, None] * v[:, t, :, None, :]
+        o[:, t] = np.einsum("bhkv,bhk->bhv", S, q[:, t])
+    z = (xs @ f64(p["in_proj_z"]["kernel"])).reshape(2, T, Hv, dv)
+    ms = np.mean(o * o, -1, keepdims=True)
+    y = o / np.sqrt(ms + cfg.rms_norm_eps) * f64(p["norm"]["scale"]) * (z / (1 + np.exp(-z)))
+    want = y.reshape(2, T, Hv * dv) @ f64(p["out_proj"]["kernel"])
+    np.testing.assert_allclose(off_y, want, rtol=1e-4, atol=1e-5)
+    # decode continues the prefill
+    cache = MIXERS[name].init_cache(off, 2, T, jnp.float32)
+    step = jax.jit(lambda c, x_t: MIXERS[name](off).apply(params, x_t, segment_ids_BT=ones[:, :x_t.shape[1]],
+                                                          cache=c, cache_index=0))
+    y0, cache = step(cache, x[:, :12])
+    y1, cache = step(cache, x[:, 12:13])
+    np.testing.assert_allclose(jnp.concatenate([y0, y1], 1), off_y[:, :13], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="gdn_qk_l2norm=false with delta-rule mixers"):
+        tiny(gdn_qk_l2norm=False, layer_pattern="LG")
+    with pytest.raises(ConfigError, match="stable only for unit keys"):
+        LinearAttention(off, delta=True).init(jax.random.key(0), x, segment_ids_BT=ones)
+    with pytest.raises(CheckpointError, match="linear-attention qk l2norm False"):
+        config_to_hf(tiny(gdn_qk_l2norm=False, layer_pattern="A"))
