@@ -82,9 +82,31 @@ def expert_capacity(capacity_factor: float, num_tokens: int, k: int, num_experts
     return int(max(1, round(capacity_factor * num_tokens * k / num_experts)))
 
 
+@jax.custom_vjp
+def permute_rows(x_RD, perm_R, inv_R):
+    """x_RD[perm_R] for a permutation `perm_R` whose inverse is `inv_R`. Its gradient is the inverse permutation's
+    gather, where autodiff of a gather by arbitrary indices is a scatter-add (XLA CPU runs those row by row)."""
+    return x_RD[perm_R]
+
+
+def _permute_fwd(x_RD, perm_R, inv_R):
+    return x_RD[perm_R], inv_R
+
+
+def _permute_bwd(inv_R, g_RD):
+    return g_RD[inv_R], None, None
+
+
+permute_rows.defvjp(_permute_fwd, _permute_bwd)
+
+
 def dispatch_combine(x_ND, weights_NK, experts_NK, w_gate_up_EDF2, w_down_EFD, *, impl="auto",
                      capacity_factor=0.0, fp8=None):
-    """Dropless (or capacity-limited) sorted dispatch through two grouped matmuls, combined with the weights."""
+    """Dropless (or capacity-limited) sorted dispatch through two grouped matmuls, combined with the weights.
+
+    The N*k assignments (token n's j-th expert is assignment n*k + j) are sorted by expert with a permutation, and
+    the expert outputs are put back in assignment order with its inverse: both moves and their gradients are row
+    gathers (no scatter-add), and the routing weights apply in assignment order as one [N, k] x [N, k, D] sum."""
     N, D = x_ND.shape
     k = experts_NK.shape[-1]
     E = w_gate_up_EDF2.shape[0]
@@ -92,19 +114,18 @@ def dispatch_combine(x_ND, weights_NK, experts_NK, w_gate_up_EDF2, w_down_EFD, *
         # faster for a decode or verify forward on CPU: benchmarks/moe_decode.py (numbers in benchmarks/README.md)
         return distinct_experts_swiglu(x_ND, weights_NK, experts_NK, w_gate_up_EDF2, w_down_EFD)
     flat_experts = experts_NK.reshape(-1)
-    order = jnp.argsort(flat_experts, stable=True)
-    token_of_row = order // k
+    order = jnp.argsort(flat_experts, stable=True).astype(jnp.int32)  # sorted row r holds assignment order[r]
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(N * k, dtype=jnp.int32))
     group_sizes_E = jnp.bincount(flat_experts, length=E).astype(jnp.int32)
-    row_weights = weights_NK.reshape(-1)[order]
-    if capacity_factor > 0:
+    if capacity_factor > 0:  # each expert keeps its first `capacity` rows in sorted (token) order
         capacity = expert_capacity(capacity_factor, N, k, E)
         starts_E = jnp.cumsum(group_sizes_E) - group_sizes_E
-        sorted_experts = flat_experts[order]
-        rank = jnp.arange(N * k) - starts_E[sorted_experts]
-        row_weights = jnp.where(rank < capacity, row_weights, 0.0)
-    y_sorted = grouped_swiglu(x_ND[token_of_row], group_sizes_E, w_gate_up_EDF2, w_down_EFD, impl=impl, fp8=fp8)
-    y_sorted = y_sorted * row_weights[:, None].astype(y_sorted.dtype)
-    return jnp.zeros((N, D), y_sorted.dtype).at[token_of_row].add(y_sorted)
+        rank = jnp.arange(N * k) - starts_E[flat_experts[order]]
+        weights_NK = jnp.where((rank < capacity)[inverse].reshape(N, k), weights_NK, 0.0)
+    x_sorted = permute_rows(jnp.repeat(x_ND, k, axis=0), order, inverse)
+    y_sorted = grouped_swiglu(x_sorted, group_sizes_E, w_gate_up_EDF2, w_down_EFD, impl=impl, fp8=fp8)
+    y_NKD = permute_rows(y_sorted, inverse, order).reshape(N, k, D)
+    return jnp.einsum("nk,nkd->nd", weights_NK.astype(y_NKD.dtype), y_NKD)
 
 
 def in_token_chunks(fn, chunks: int):
