@@ -13,6 +13,7 @@ expert-parallel (moe_ep.py).
 """
 
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -83,49 +84,104 @@ def expert_capacity(capacity_factor: float, num_tokens: int, k: int, num_experts
 
 
 @jax.custom_vjp
-def permute_rows(x_RD, perm_R, inv_R):
-    """x_RD[perm_R] for a permutation `perm_R` whose inverse is `inv_R`. Its gradient is the inverse permutation's
-    gather, where autodiff of a gather by arbitrary indices is a scatter-add (XLA CPU runs those row by row)."""
-    return x_RD[perm_R]
+def take_rows(x_RD, idx_S, back):
+    """Rows `x_RD[idx_S]`, where an index out of range (>= R) gives a zero row, for a move that places every row of
+    x at known positions: `back` [R] (row r lands at position back[r] of the result, S where it is not taken) or
+    [R, k] (row r lands k times, at back[r, j]: a token's copies for its k experts). A permutation and its inverse
+    are the special case. The gradient is the gather `g_SD[back]` (summed over the k copies; zero for rows not
+    taken), where autodiff of a gather by arbitrary indices is a scatter-add (XLA CPU runs those row by row)."""
+    return jnp.take(x_RD, idx_S, axis=0, mode="fill", fill_value=0)
 
 
-def _permute_fwd(x_RD, perm_R, inv_R):
-    return x_RD[perm_R], inv_R
+def _take_rows_fwd(x_RD, idx_S, back):
+    return take_rows(x_RD, idx_S, back), back
 
 
-def _permute_bwd(inv_R, g_RD):
-    return g_RD[inv_R], None, None
+def _take_rows_bwd(back, g_SD):
+    g = jnp.take(g_SD, back.reshape(-1), axis=0, mode="fill", fill_value=0)
+    if back.ndim == 2:
+        g = jnp.sum(g.reshape(back.shape + g.shape[1:]), axis=1)
+    return g, None, None
 
 
-permute_rows.defvjp(_permute_fwd, _permute_bwd)
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+PADDED_SLACK = 1.25  # expert slots per balanced load in the padded dispatch (CPU/GPU; see `padded_slots`)
+
+
+def padded_slots(num_rows: int, num_experts: int, slack: float = PADDED_SLACK) -> int:
+    """Slots per expert of the padded dispatch for `num_rows` assignments: `slack` x the balanced load, a multiple
+    of 8; 0 (sorted dispatch only) for slack 0, and where the slots would exceed 1.5x slack x the rows (a few rows per
+    expert: rounding up to 8 wastes most of the work there, and one expert over its slots is likely anyway)."""
+    if slack <= 0:
+        return 0
+    slots = -(-math.ceil(slack * num_rows / num_experts) // 8) * 8
+    return slots if num_experts * slots <= 1.5 * max(slack, 1.0) * num_rows else 0
+
+
+def padded_swiglu(x_ESD, w_gate_up_EDF2, w_down_EFD):
+    """SwiGLU experts on [E, S, D] expert slots: two batched matmuls (zero slots give zero rows)."""
+    F2 = w_gate_up_EDF2.shape[-1]
+    h_ESF2 = jnp.einsum("esd,edf->esf", x_ESD, w_gate_up_EDF2, preferred_element_type=x_ESD.dtype)
+    h_ESF = jax.nn.silu(h_ESF2[..., : F2 // 2]) * h_ESF2[..., F2 // 2:]
+    return jnp.einsum("esf,efd->esd", h_ESF, w_down_EFD, preferred_element_type=x_ESD.dtype)
 
 
 def dispatch_combine(x_ND, weights_NK, experts_NK, w_gate_up_EDF2, w_down_EFD, *, impl="auto",
-                     capacity_factor=0.0, fp8=None):
+                     capacity_factor=0.0, fp8=None, slack=PADDED_SLACK):
     """Dropless (or capacity-limited) sorted dispatch through two grouped matmuls, combined with the weights.
 
     The N*k assignments (token n's j-th expert is assignment n*k + j) are sorted by expert with a permutation, and
     the expert outputs are put back in assignment order with its inverse: both moves and their gradients are row
-    gathers (no scatter-add), and the routing weights apply in assignment order as one [N, k] x [N, k, D] sum."""
+    gathers (no scatter-add), and the routing weights apply in assignment order as one [N, k] x [N, k, D] sum.
+
+    On CPU and GPU (impl "xla"), while no expert has more assignments than `padded_slots`, the rows go instead to
+    [E, S] expert slots (expert e's i-th row at slot e * S + i, the rest zero) and the experts run as two batched
+    matmuls: S = 1.25x the balanced load costs 1.25x the FLOPs in two large products, where the grouped matmul's
+    loop of tile products ran at about half the speed of one (benchmarks/README.md, BENCH_SMALL). One expert over
+    its slots takes the sorted dispatch for the whole call (a `lax.cond`: same numbers, no token dropped). `slack`
+    sets S (`padded_slots`); 0 keeps the sorted dispatch only."""
     N, D = x_ND.shape
     k = experts_NK.shape[-1]
     E = w_gate_up_EDF2.shape[0]
-    if fp8 is None and capacity_factor <= 0 and impl != "reference" and N * k <= FEW_ROWS_MAX:
+    R = N * k
+    if fp8 is None and capacity_factor <= 0 and impl != "reference" and R <= FEW_ROWS_MAX:
         # faster for a decode or verify forward on CPU: benchmarks/moe_decode.py (numbers in benchmarks/README.md)
         return distinct_experts_swiglu(x_ND, weights_NK, experts_NK, w_gate_up_EDF2, w_down_EFD)
     flat_experts = experts_NK.reshape(-1)
     order = jnp.argsort(flat_experts, stable=True).astype(jnp.int32)  # sorted row r holds assignment order[r]
-    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(N * k, dtype=jnp.int32))
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(R, dtype=jnp.int32))
     group_sizes_E = jnp.bincount(flat_experts, length=E).astype(jnp.int32)
+    starts_E = jnp.cumsum(group_sizes_E) - group_sizes_E
     if capacity_factor > 0:  # each expert keeps its first `capacity` rows in sorted (token) order
         capacity = expert_capacity(capacity_factor, N, k, E)
-        starts_E = jnp.cumsum(group_sizes_E) - group_sizes_E
-        rank = jnp.arange(N * k) - starts_E[flat_experts[order]]
+        rank = jnp.arange(R) - starts_E[flat_experts[order]]
         weights_NK = jnp.where((rank < capacity)[inverse].reshape(N, k), weights_NK, 0.0)
-    x_sorted = permute_rows(jnp.repeat(x_ND, k, axis=0), order, inverse)
-    y_sorted = grouped_swiglu(x_sorted, group_sizes_E, w_gate_up_EDF2, w_down_EFD, impl=impl, fp8=fp8)
-    y_NKD = permute_rows(y_sorted, inverse, order).reshape(N, k, D)
-    return jnp.einsum("nk,nkd->nd", weights_NK.astype(y_NKD.dtype), y_NKD)
+
+    def combine(y_RD, idx_R, back):
+        return jnp.einsum("nk,nkd->nd", weights_NK.astype(y_RD.dtype), take_rows(y_RD, idx_R, back).reshape(N, k, D))
+
+    def sorted_dispatch(x_ND, w_gate_up_EDF2, w_down_EFD):
+        x_sorted = take_rows(x_ND, order // k, inverse.reshape(N, k))
+        y_sorted = grouped_swiglu(x_sorted, group_sizes_E, w_gate_up_EDF2, w_down_EFD, impl=impl, fp8=fp8)
+        return combine(y_sorted, inverse, order)
+
+    S = padded_slots(R, E, slack)
+    if not (S and fp8 is None and capacity_factor <= 0 and resolve_impl(impl) == "xla"):
+        return sorted_dispatch(x_ND, w_gate_up_EDF2, w_down_EFD)
+    slot_R = flat_experts * S + inverse - starts_E[flat_experts]  # assignment -> its expert slot
+    rank_S = jnp.tile(jnp.arange(S, dtype=jnp.int32), E)
+    expert_S = jnp.repeat(jnp.arange(E, dtype=jnp.int32), S)
+    src_S = jnp.where(rank_S < group_sizes_E[expert_S],  # slot -> its assignment, R (a zero row) past the load
+                      order[jnp.minimum(starts_E[expert_S] + rank_S, R - 1)], R)
+
+    def padded_dispatch(x_ND, w_gate_up_EDF2, w_down_EFD):
+        x_ESD = take_rows(x_ND, src_S // k, slot_R.reshape(N, k)).reshape(E, S, D)
+        y_ESD = padded_swiglu(x_ESD, w_gate_up_EDF2, w_down_EFD)
+        return combine(y_ESD.reshape(E * S, D), slot_R, src_S)
+
+    return jax.lax.cond(jnp.max(group_sizes_E) <= S, padded_dispatch, sorted_dispatch,
+                        x_ND, w_gate_up_EDF2, w_down_EFD)
 
 
 def in_token_chunks(fn, chunks: int):

@@ -78,7 +78,9 @@ def test_moe_layer_matches_transformers_sparse_block(B, T):
     jaxpr = str(jax.make_jaxpr(apply)(p, jnp.asarray(x)))
     sorted_dispatch = B * T * cfg.experts_per_token > moe.FEW_ROWS_MAX
     assert (" while[" in jaxpr) == sorted_dispatch  # the gmm work-item loop
-    assert ("cond[" in jaxpr) == (not sorted_dispatch)  # the loop over distinct experts skips its unused slots
+    # few tokens: the loop over distinct experts skips its unused slots by a cond; many: the padded dispatch's cond
+    padded = moe.padded_slots(B * T * cfg.experts_per_token, cfg.num_experts) > 0
+    assert ("cond[" in jaxpr) == (not sorted_dispatch or padded)
 
 
 @pytest.mark.parametrize("N", [1, 3, 12])
@@ -107,6 +109,51 @@ def test_distinct_expert_loop_equals_sorted_dispatch_values_and_gradients(N):
     for name, a, b in zip(("x", "weights", "w_gate_up", "w_down"), g1, g0):
         assert max_rel_err(a, b) <= 1e-5, name
     assert float(jnp.abs(g1[2][6:]).max()) == 0.0  # experts no token routes to get no gradient
+
+
+@pytest.mark.parametrize("routing,slack", [("balanced", moe.PADDED_SLACK), ("balanced", 16.0),
+                                           ("one-expert-heavy", moe.PADDED_SLACK)],
+                         ids=["padded-default-slack", "padded-every-row-fits", "over-slots-falls-back"])
+def test_padded_dispatch_equals_grouped_matmul_values_and_gradients(routing, slack):
+    """The padded expert-slot dispatch (CPU/GPU) against the sorted grouped-matmul dispatch's reference
+    (`impl="reference"`, a masked matmul per group) on the same 2048 assignments: outputs and gradients with respect
+    to the tokens, the routing weights and both expert weight tensors. Balanced routing fits the default slots; a
+    slack of 16 (the number of experts) gives every expert room for all rows; an expert taking about two thirds of
+    the tokens exceeds its slots, so the whole call takes the sorted dispatch."""
+    E, D, F, k, N = 16, 32, 16, 4, 512
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(size=(N, D)), jnp.float32)
+    p = np.ones(E) if routing == "balanced" else np.r_[30.0, np.ones(E - 1)]
+    experts = jnp.asarray(np.stack([rng.choice(E, k, replace=False, p=p / p.sum()) for _ in range(N)]), jnp.int32)
+    weights = jnp.asarray(rng.uniform(0.1, 1.0, size=(N, k)), jnp.float32)
+    wgu = jnp.asarray(0.3 * rng.normal(size=(E, D, 2 * F)), jnp.float32)
+    wd = jnp.asarray(0.3 * rng.normal(size=(E, F, D)), jnp.float32)
+    slots = moe.padded_slots(N * k, E, slack)
+    fits = int(np.bincount(np.asarray(experts).ravel(), minlength=E).max()) <= slots
+    assert slots > 0 and fits == (routing == "balanced")
+
+    def loss(impl, x, w, wgu, wd):
+        y = moe.dispatch_combine(x, w, experts, wgu, wd, impl=impl, slack=slack)
+        return jnp.sum(jnp.sin(y)), y
+
+    (_, y0), g0 = jax.value_and_grad(lambda *a: loss("reference", *a), argnums=(0, 1, 2, 3), has_aux=True)(
+        x, weights, wgu, wd)
+    (_, y1), g1 = jax.jit(jax.value_and_grad(lambda *a: loss("xla", *a), argnums=(0, 1, 2, 3), has_aux=True))(
+        x, weights, wgu, wd)
+    assert "cond[" in str(jax.make_jaxpr(lambda *a: loss("xla", *a))(x, weights, wgu, wd))
+    assert "cond[" not in str(jax.make_jaxpr(lambda *a: loss("reference", *a))(x, weights, wgu, wd))
+    assert max_rel_err(y1, y0) <= 1e-6
+    for name, a, b in zip(("x", "weights", "w_gate_up", "w_down"), g1, g0):
+        assert max_rel_err(a, b) <= 1e-5, name
+    assert float(jnp.abs(y1).max()) > 0.1  # no row lost to a slot past its expert's load
+
+
+def test_padded_slots():
+    """Slack x the balanced load, rounded up to 8; none for slack 0 or a few rows per expert."""
+    assert moe.padded_slots(8192, 16) == 640          # 1.25 x 512
+    assert moe.padded_slots(8192, 16, 0) == 0
+    assert moe.padded_slots(1024, 512) == 0           # 2 rows per expert: 8 slots each would be 4x the work
+    assert moe.padded_slots(20480, 512) == 56         # 40 rows per expert: 50 -> 56
 
 
 # ---------------------------------------------------------------------------------------------------------------
