@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.gmm import gmm, gmm_fp8, resolve_impl
+from pallas_kernels.gmm import gmm, gmm_fp8, resolve_impl, tgmm
 from qwen35_jax.layers.common import accum_dtype, dense_init, dtypes, param
 from qwen35_jax.layers.mlp import SwiGLU
 from qwen35_jax.layers.moe_ep import ep_dispatch_combine
@@ -111,20 +111,65 @@ PADDED_SLACK = 1.25  # expert slots per balanced load in the padded dispatch (CP
 
 def padded_slots(num_rows: int, num_experts: int, slack: float = PADDED_SLACK) -> int:
     """Slots per expert of the padded dispatch for `num_rows` assignments: `slack` x the balanced load, a multiple
-    of 8; 0 (sorted dispatch only) for slack 0, and where the slots would exceed 1.5x slack x the rows (a few rows per
-    expert: rounding up to 8 wastes most of the work there, and one expert over its slots is likely anyway)."""
+    of 8; 0 (sorted dispatch only) for slack 0, where the slots hold fewer than all rows (the sorted layout uses the
+    same buffers) or more than 1.5x slack x the rows (a few rows per expert: rounding up to 8 wastes most of the
+    work there, and one expert over its slots is likely anyway)."""
     if slack <= 0:
         return 0
     slots = -(-math.ceil(slack * num_rows / num_experts) // 8) * 8
-    return slots if num_experts * slots <= 1.5 * max(slack, 1.0) * num_rows else 0
+    return slots if num_rows <= num_experts * slots <= 1.5 * max(slack, 1.0) * num_rows else 0
 
 
-def padded_swiglu(x_ESD, w_gate_up_EDF2, w_down_EFD):
-    """SwiGLU experts on [E, S, D] expert slots: two batched matmuls (zero slots give zero rows)."""
-    F2 = w_gate_up_EDF2.shape[-1]
-    h_ESF2 = jnp.einsum("esd,edf->esf", x_ESD, w_gate_up_EDF2, preferred_element_type=x_ESD.dtype)
-    h_ESF = jax.nn.silu(h_ESF2[..., : F2 // 2]) * h_ESF2[..., F2 // 2:]
-    return jnp.einsum("esf,efd->esd", h_ESF, w_down_EFD, preferred_element_type=x_ESD.dtype)
+def _slot_mm(fits, a_PK, w_EKN, group_sizes_E, impl, transpose=False):
+    """Per-group `a @ w[g]` (`w[g]^T` if transpose) on P rows in either layout: expert slots ([E, P / E] rows,
+    one batched matmul) if `fits`, else rows sorted by group (the grouped matmul; rows past the groups give 0)."""
+    E = w_EKN.shape[0]
+    spec = "esk,enk->esn" if transpose else "esk,ekn->esn"
+
+    def slots(a, w):
+        return jnp.einsum(spec, a.reshape(E, -1, a.shape[-1]), w, preferred_element_type=a.dtype).reshape(
+            a.shape[0], -1)
+
+    def grouped(a, w):
+        return gmm(a, w, group_sizes_E, transpose_rhs=transpose, impl=impl, preferred_element_type=a.dtype)
+
+    return jax.lax.cond(fits, slots, grouped, a_PK, w_EKN)
+
+
+def _slot_tmm(fits, a_PK, g_PN, group_sizes_E, impl):
+    """Per-group `a_g^T g_g` [E, K, N] in the layout `_slot_mm` reads."""
+    E = group_sizes_E.shape[0]
+
+    def slots(a, g):
+        return jnp.einsum("esk,esn->ekn", a.reshape(E, -1, a.shape[-1]), g.reshape(E, -1, g.shape[-1]),
+                          preferred_element_type=a.dtype)
+
+    def grouped(a, g):
+        return tgmm(a, g, group_sizes_E, num_groups=E, impl=impl, preferred_element_type=a.dtype)
+
+    return jax.lax.cond(fits, slots, grouped, a_PK, g_PN)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def slot_matmul(a_PK, w_EKN, group_sizes_E, fits, impl):
+    """Grouped matmul of P rows in the layout `fits` selects (see `dispatch_combine`): [P, K] x [E, K, N] -> [P, N].
+    Forward and backward each pick their layout by a `lax.cond` on `fits` that holds only the products (the
+    residuals are the inputs), so choosing at run time costs no residual copies of both layouts."""
+    return _slot_mm(fits, a_PK, w_EKN, group_sizes_E, impl)
+
+
+def _slot_matmul_fwd(a_PK, w_EKN, group_sizes_E, fits, impl):
+    return _slot_mm(fits, a_PK, w_EKN, group_sizes_E, impl), (a_PK, w_EKN, group_sizes_E, fits)
+
+
+def _slot_matmul_bwd(impl, res, g_PN):
+    a_PK, w_EKN, group_sizes_E, fits = res
+    d_a = _slot_mm(fits, g_PN, w_EKN, group_sizes_E, impl, transpose=True)
+    d_w = _slot_tmm(fits, a_PK, g_PN, group_sizes_E, impl).astype(w_EKN.dtype)
+    return d_a, d_w, None, None
+
+
+slot_matmul.defvjp(_slot_matmul_fwd, _slot_matmul_bwd)
 
 
 def dispatch_combine(x_ND, weights_NK, experts_NK, w_gate_up_EDF2, w_down_EFD, *, impl="auto",
@@ -135,12 +180,12 @@ def dispatch_combine(x_ND, weights_NK, experts_NK, w_gate_up_EDF2, w_down_EFD, *
     the expert outputs are put back in assignment order with its inverse: both moves and their gradients are row
     gathers (no scatter-add), and the routing weights apply in assignment order as one [N, k] x [N, k, D] sum.
 
-    On CPU and GPU (impl "xla"), while no expert has more assignments than `padded_slots`, the rows go instead to
-    [E, S] expert slots (expert e's i-th row at slot e * S + i, the rest zero) and the experts run as two batched
-    matmuls: S = 1.25x the balanced load costs 1.25x the FLOPs in two large products, where the grouped matmul's
-    loop of tile products ran at about half the speed of one (benchmarks/README.md, BENCH_SMALL). One expert over
-    its slots takes the sorted dispatch for the whole call (a `lax.cond`: same numbers, no token dropped). `slack`
-    sets S (`padded_slots`); 0 keeps the sorted dispatch only."""
+    On CPU and GPU (impl "xla"), while no expert has more assignments than S = `padded_slots` (`slack` x the
+    balanced load; slack 0 keeps the sorted dispatch only), the rows go instead to [E, S] expert slots (expert e's
+    i-th row at slot e * S + i, the rest zero rows) and each grouped matmul is one batched matmul: 1.25x the FLOPs
+    in large products, where the grouped matmul's loop of tile products runs at about half the speed of one
+    (benchmarks/README.md, BENCH_SMALL). A step where one expert exceeds its slots runs the sorted layout in the
+    same buffers (`slot_matmul`): same numbers either way, no token dropped."""
     N, D = x_ND.shape
     k = experts_NK.shape[-1]
     E = w_gate_up_EDF2.shape[0]
@@ -157,31 +202,27 @@ def dispatch_combine(x_ND, weights_NK, experts_NK, w_gate_up_EDF2, w_down_EFD, *
         capacity = expert_capacity(capacity_factor, N, k, E)
         rank = jnp.arange(R) - starts_E[flat_experts[order]]
         weights_NK = jnp.where((rank < capacity)[inverse].reshape(N, k), weights_NK, 0.0)
-
-    def combine(y_RD, idx_R, back):
-        return jnp.einsum("nk,nkd->nd", weights_NK.astype(y_RD.dtype), take_rows(y_RD, idx_R, back).reshape(N, k, D))
-
-    def sorted_dispatch(x_ND, w_gate_up_EDF2, w_down_EFD):
+    S = padded_slots(R, E, slack)
+    if S and fp8 is None and capacity_factor <= 0 and resolve_impl(impl) == "xla":
+        fits = jnp.max(group_sizes_E) <= S
+        slot_R = flat_experts * S + inverse - starts_E[flat_experts]  # assignment -> its expert slot
+        rank_P = jnp.tile(jnp.arange(S, dtype=jnp.int32), E)
+        expert_P = jnp.repeat(jnp.arange(E, dtype=jnp.int32), S)
+        src_P = jnp.where(rank_P < group_sizes_E[expert_P],  # slot -> its assignment; R (a zero row) past the load
+                          order[jnp.minimum(starts_E[expert_P] + rank_P, R - 1)], R)
+        # not fitting: the sorted rows, then zero rows up to the E * S slots
+        src_P = jnp.where(fits, src_P, jnp.concatenate([order, jnp.full((E * S - R,), R, jnp.int32)]))
+        back_R = jnp.where(fits, slot_R, inverse)
+        x_PD = take_rows(x_ND, src_P // k, back_R.reshape(N, k))
+        F2 = w_gate_up_EDF2.shape[-1]
+        h_PF2 = slot_matmul(x_PD, w_gate_up_EDF2, group_sizes_E, fits, impl)
+        h_PF = jax.nn.silu(h_PF2[:, : F2 // 2]) * h_PF2[:, F2 // 2:]
+        y_RD = take_rows(slot_matmul(h_PF, w_down_EFD, group_sizes_E, fits, impl), back_R, src_P)
+    else:
         x_sorted = take_rows(x_ND, order // k, inverse.reshape(N, k))
         y_sorted = grouped_swiglu(x_sorted, group_sizes_E, w_gate_up_EDF2, w_down_EFD, impl=impl, fp8=fp8)
-        return combine(y_sorted, inverse, order)
-
-    S = padded_slots(R, E, slack)
-    if not (S and fp8 is None and capacity_factor <= 0 and resolve_impl(impl) == "xla"):
-        return sorted_dispatch(x_ND, w_gate_up_EDF2, w_down_EFD)
-    slot_R = flat_experts * S + inverse - starts_E[flat_experts]  # assignment -> its expert slot
-    rank_S = jnp.tile(jnp.arange(S, dtype=jnp.int32), E)
-    expert_S = jnp.repeat(jnp.arange(E, dtype=jnp.int32), S)
-    src_S = jnp.where(rank_S < group_sizes_E[expert_S],  # slot -> its assignment, R (a zero row) past the load
-                      order[jnp.minimum(starts_E[expert_S] + rank_S, R - 1)], R)
-
-    def padded_dispatch(x_ND, w_gate_up_EDF2, w_down_EFD):
-        x_ESD = take_rows(x_ND, src_S // k, slot_R.reshape(N, k)).reshape(E, S, D)
-        y_ESD = padded_swiglu(x_ESD, w_gate_up_EDF2, w_down_EFD)
-        return combine(y_ESD.reshape(E * S, D), slot_R, src_S)
-
-    return jax.lax.cond(jnp.max(group_sizes_E) <= S, padded_dispatch, sorted_dispatch,
-                        x_ND, w_gate_up_EDF2, w_down_EFD)
+        y_RD = take_rows(y_sorted, inverse, order)
+    return jnp.einsum("nk,nkd->nd", weights_NK.astype(y_RD.dtype), y_RD.reshape(N, k, D))
 
 
 def in_token_chunks(fn, chunks: int):

@@ -119,7 +119,7 @@ def test_padded_dispatch_equals_grouped_matmul_values_and_gradients(routing, sla
     (`impl="reference"`, a masked matmul per group) on the same 2048 assignments: outputs and gradients with respect
     to the tokens, the routing weights and both expert weight tensors. Balanced routing fits the default slots; a
     slack of 16 (the number of experts) gives every expert room for all rows; an expert taking about two thirds of
-    the tokens exceeds its slots, so the whole call takes the sorted dispatch."""
+    the tokens exceeds its slots, so both grouped matmuls and their gradients run on the sorted layout."""
     E, D, F, k, N = 16, 32, 16, 4, 512
     rng = np.random.default_rng(7)
     x = jnp.asarray(rng.normal(size=(N, D)), jnp.float32)
@@ -152,6 +152,7 @@ def test_padded_slots():
     """Slack x the balanced load, rounded up to 8; none for slack 0 or a few rows per expert."""
     assert moe.padded_slots(8192, 16) == 640          # 1.25 x 512
     assert moe.padded_slots(8192, 16, 0) == 0
+    assert moe.padded_slots(8192, 16, 0.5) == 0       # fewer slots than rows: the sorted layout would not fit
     assert moe.padded_slots(1024, 512) == 0           # 2 rows per expert: 8 slots each would be 4x the work
     assert moe.padded_slots(20480, 512) == 56         # 40 rows per expert: 50 -> 56
 
