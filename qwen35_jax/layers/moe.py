@@ -126,9 +126,9 @@ def _slot_mm(fits, a_PK, w_EKN, group_sizes_E, impl, transpose=False):
     E = w_EKN.shape[0]
     spec = "esk,enk->esn" if transpose else "esk,ekn->esn"
 
-    def slots(a, w):
-        return jnp.einsum(spec, a.reshape(E, -1, a.shape[-1]), w, preferred_element_type=a.dtype).reshape(
-            a.shape[0], -1)
+    def slots(a, w):  # accumulated in fp32 (or wider), as the grouped matmul does
+        return jnp.einsum(spec, a.reshape(E, -1, a.shape[-1]), w, preferred_element_type=accum_dtype(a.dtype)
+                          ).astype(a.dtype).reshape(a.shape[0], -1)
 
     def grouped(a, w):
         return gmm(a, w, group_sizes_E, transpose_rhs=transpose, impl=impl, preferred_element_type=a.dtype)
@@ -142,7 +142,7 @@ def _slot_tmm(fits, a_PK, g_PN, group_sizes_E, impl):
 
     def slots(a, g):
         return jnp.einsum("esk,esn->ekn", a.reshape(E, -1, a.shape[-1]), g.reshape(E, -1, g.shape[-1]),
-                          preferred_element_type=a.dtype)
+                          preferred_element_type=accum_dtype(a.dtype)).astype(a.dtype)
 
     def grouped(a, g):
         return tgmm(a, g, group_sizes_E, num_groups=E, impl=impl, preferred_element_type=a.dtype)
