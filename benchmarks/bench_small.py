@@ -280,8 +280,10 @@ def profile_components(cfg, params, tokens_np, peer, warmup: int, steps: int) ->
         _, w_nk, e_nk = route(logits, cfg.experts_per_token, cfg.norm_topk_prob)
 
         def experts(p, xin):
-            return dispatch_combine(xin.reshape(-1, D), w_nk, e_nk, p["gate_up_proj"], p["down_proj"],
-                                    impl=cfg.moe_impl)
+            # the routing as a run-time value, as in the model (a closed-over constant lets XLA fold the index
+            # arithmetic and the slots' layout choice at compile time)
+            w, e = jax.lax.optimization_barrier((w_nk, e_nk))
+            return dispatch_combine(xin.reshape(-1, D), w, e, p["gate_up_proj"], p["down_proj"], impl=cfg.moe_impl)
 
         t_idx, t_w = captured["experts"][0][1], captured["experts"][0][2]
         comps.append(("  routed experts (gmm)", n_moe,
