@@ -9,41 +9,11 @@ import jax.numpy as jnp
 
 def cross_entropy_sum(logits_BTV, targets_BT, mask_BT):
     """(sum of masked token losses, sum of log-partition^2 over masked tokens), in fp32."""
-    return _cross_entropy_sums(logits_BTV.astype(jnp.float32), targets_BT, mask_BT.astype(jnp.float32))
-
-
-def _ce_forward(logits_BTV, targets_BT, mask_BT):
+    logits_BTV = logits_BTV.astype(jnp.float32)
     lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
     target_logit = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-    return (jnp.sum((lse_BT - target_logit) * mask_BT), jnp.sum(jnp.square(lse_BT) * mask_BT)), (lse_BT, target_logit)
-
-
-@jax.custom_vjp
-def _cross_entropy_sums(logits_BTV, targets_BT, mask_BT):
-    """Both sums of `cross_entropy_sum` on fp32 logits. The gradient is one elementwise pass over the logits,
-    softmax x (g_ce + 2 g_z lse) x mask minus g_ce x mask at the target, where autodiff adds a zero-filled
-    [B, T, V] scatter for the target logit's gradient and a second pass to sum the two (the LM head + loss
-    forward+backward 1.1x faster at BENCH_SMALL, benchmarks/README.md)."""
-    return _ce_forward(logits_BTV, targets_BT, mask_BT)[0]
-
-
-def _ce_fwd(logits_BTV, targets_BT, mask_BT):
-    sums, (lse_BT, target_logit) = _ce_forward(logits_BTV, targets_BT, mask_BT)
-    return sums, (logits_BTV, lse_BT, target_logit, targets_BT, mask_BT)
-
-
-def _ce_bwd(res, g):
-    logits_BTV, lse_BT, target_logit, targets_BT, mask_BT = res
-    g_ce, g_z = g
-    scale_BT = (g_ce + 2.0 * g_z * lse_BT) * mask_BT
-    at_target = jnp.arange(logits_BTV.shape[-1]) == targets_BT[..., None]
-    d_BTV = (jnp.exp(logits_BTV - lse_BT[..., None]) * scale_BT[..., None]
-             - jnp.where(at_target, (g_ce * mask_BT)[..., None], 0.0))
-    d_mask_BT = g_ce * (lse_BT - target_logit) + g_z * jnp.square(lse_BT)
-    return d_BTV, None, d_mask_BT
-
-
-_cross_entropy_sums.defvjp(_ce_fwd, _ce_bwd)
+    mask = mask_BT.astype(jnp.float32)
+    return jnp.sum((lse_BT - target_logit) * mask), jnp.sum(jnp.square(lse_BT) * mask)
 
 
 def head_loss_sums(head, h_BTD, targets_BT, mask_BT, chunks: int = 1, count_correct: bool = False):

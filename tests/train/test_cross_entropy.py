@@ -1,6 +1,6 @@
-"""`losses.cross_entropy_sum`'s hand-written gradient (one pass over the logits) against autodiff of the plain
-formula in float64: values and gradients with respect to the logits and the mask, both sums weighted (the CE and the
-logit z-loss), padding positions in the mask, bf16 logits cast to fp32."""
+"""`losses.cross_entropy_sum` (the trainer's CE and logit z-loss sums) against the plain formula in float64: values
+and gradients with respect to the logits and the mask, both sums weighted, padding positions and a fractional mask,
+bf16 logits cast to fp32."""
 
 import jax
 import jax.numpy as jnp
