@@ -2,7 +2,9 @@
 and a shared SwiGLU expert scaled per token by a sigmoid gate.
 
 Dispatch sorts the N*k (token, expert) assignments by expert and runs two grouped matmuls over the sorted rows, so
-the cost per token is independent of the number of experts (no one-hot [N, E] dispatch tensors). A handful of
+the cost per token is independent of the number of experts (no one-hot [N, E] dispatch tensors). On CPU and GPU,
+while every expert's load fits 1.25x the balanced load, the rows sit in [E, S] expert slots instead and each grouped
+matmul is one batched matmul (`slot_matmul`; the sorted layout when an expert is over). A handful of
 tokens (decoding, a speculative verify pass: at most `FEW_ROWS_MAX` assignments) instead loops over the distinct
 experts they route to: each of those experts' weights is read once and applied to all of the tokens, as a decode
 step must read them, without the grouped matmul's work-item loop or a gathered copy per assignment. Router statistics
