@@ -212,18 +212,15 @@ def dispatch_combine(x_ND, weights_NK, experts_NK, w_gate_up_EDF2, w_down_EFD, *
         expert_P = jnp.repeat(jnp.arange(E, dtype=jnp.int32), S)
         src_P = jnp.where(rank_P < group_sizes_E[expert_P],  # slot -> its assignment; R (a zero row) past the load
                           order[jnp.minimum(starts_E[expert_P] + rank_P, R - 1)], R)
-        # not fitting: the sorted rows, then zero rows up to the E * S slots
-        src_P = jnp.where(fits, src_P, jnp.concatenate([order, jnp.full((E * S - R,), R, jnp.int32)]))
-        back_R = jnp.where(fits, slot_R, inverse)
-        x_PD = take_rows(x_ND, src_P // k, back_R.reshape(N, k))
-        F2 = w_gate_up_EDF2.shape[-1]
-        h_PF2 = slot_matmul(x_PD, w_gate_up_EDF2, group_sizes_E, fits, impl)
-        h_PF = jax.nn.silu(h_PF2[:, : F2 // 2]) * h_PF2[:, F2 // 2:]
-        y_RD = take_rows(slot_matmul(h_PF, w_down_EFD, group_sizes_E, fits, impl), back_R, src_P)
+        # not fitting: the sorted rows, then zero rows up to the E * S slots (src: row -> assignment, R for none;
+        # back: assignment -> row)
+        src, back = (jnp.where(fits, src_P, jnp.concatenate([order, jnp.full((E * S - R,), R, jnp.int32)])),
+                     jnp.where(fits, slot_R, inverse))
     else:
-        x_sorted = take_rows(x_ND, order // k, inverse.reshape(N, k))
-        y_sorted = grouped_swiglu(x_sorted, group_sizes_E, w_gate_up_EDF2, w_down_EFD, impl=impl, fp8=fp8)
-        y_RD = take_rows(y_sorted, inverse, order)
+        fits, src, back = None, order, inverse  # row r of the sorted layout holds assignment order[r]
+    x_rows = take_rows(x_ND, src // k, back.reshape(N, k))
+    y_rows = grouped_swiglu(x_rows, group_sizes_E, w_gate_up_EDF2, w_down_EFD, impl=impl, fp8=fp8, fits=fits)
+    y_RD = take_rows(y_rows, back, src)
     return jnp.einsum("nk,nkd->nd", weights_NK.astype(y_RD.dtype), y_RD.reshape(N, k, D))
 
 
@@ -248,11 +245,17 @@ def in_token_chunks(fn, chunks: int):
     return chunked
 
 
-def grouped_swiglu(x_MD, group_sizes_G, w_gate_up_GDF2, w_down_GFD, *, impl="auto", fp8=None):
+def grouped_swiglu(x_MD, group_sizes_G, w_gate_up_GDF2, w_down_GFD, *, impl="auto", fp8=None, fits=None):
     """SwiGLU experts on rows sorted by group: [M, D] -> [M, D]; rows past sum(group_sizes) give zeros.
-    fp8: keyword arguments of `gmm_fp8` (precision.py's recipe) to run both grouped matmuls in FP8, or None."""
+    fp8: keyword arguments of `gmm_fp8` (precision.py's recipe) to run both grouped matmuls in FP8, or None.
+    fits: a traced bool for rows laid out by `dispatch_combine`'s expert slots: both products run as `slot_matmul`
+    (the slot layout where it is true, the sorted one where not); None for rows sorted by group."""
     F2 = w_gate_up_GDF2.shape[-1]
-    mm = gmm if fp8 is None else functools.partial(gmm_fp8, **fp8)
+    if fits is not None:
+        def mm(a, w, group_sizes, **_):
+            return slot_matmul(a, w, group_sizes, fits, impl)
+    else:
+        mm = gmm if fp8 is None else functools.partial(gmm_fp8, **fp8)
     h_MF2 = mm(x_MD, w_gate_up_GDF2, group_sizes_G, impl=impl, preferred_element_type=x_MD.dtype)
     h_MF = jax.nn.silu(h_MF2[:, : F2 // 2]) * h_MF2[:, F2 // 2:]
     return mm(h_MF, w_down_GFD, group_sizes_G, impl=impl, preferred_element_type=x_MD.dtype)
